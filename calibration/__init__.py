@@ -1,0 +1,1 @@
+"""Fitting the step-time model to measured benchmark tables (see the calibration issue)."""

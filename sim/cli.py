@@ -1,0 +1,133 @@
+"""`servesim` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from .config import ScenarioError, load_scenario
+from .engine import SimulationStuck
+from .metrics import format_report
+from .runner import SimResult, simulate
+from .workload import WorkloadError
+
+
+def _result_json(res: SimResult, detailed: bool) -> dict:
+    """vLLM's `--save-result` layout, plus a `servesim` section saying what was simulated."""
+    sc, w = res.scenario, res.scenario.workload
+    out = {
+        "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "backend": "vllm",
+        "model_id": sc.name,
+        "tokenizer_id": sc.name,
+        "num_prompts": len(res.requests),
+        "request_rate": "inf" if math.isinf(w.request_rate) else w.request_rate,
+        "burstiness": w.burstiness,
+        "max_concurrency": w.max_concurrency,
+    }
+    out.update(res.bench.metrics)
+    out["max_concurrent_requests"] = res.max_concurrent_requests
+    if detailed:
+        df = res.bench.requests
+        ok = df["success"]
+        out["input_lens"] = df["prompt_len"].tolist()
+        out["output_lens"] = df["output_len"].tolist()
+        out["ttfts"] = [float(x) if s else 0.0 for x, s in zip(df["ttft_s"], ok)]
+        out["itls"] = [[float(g) for g in _gaps(r.token_times)] for r in res.requests]
+        out["start_times"] = df["start_s"].tolist()
+        out["errors"] = df["error"].tolist()
+    out["servesim"] = {
+        "simulated": True,
+        "scenario": sc.name,
+        "engine": sc.engine.model_dump(),
+        "step_time": sc.step_time.params().as_dict(),
+        "num_steps": res.num_steps,
+        "num_preemptions": res.num_preemptions,
+        "max_batch_tokens": res.max_batch_tokens,
+        "max_batch_seqs": res.max_batch_seqs,
+        "peak_kv_blocks": res.peak_kv_blocks,
+    }
+    return out
+
+
+def _gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    overrides = list(args.set or [])
+    if args.seed is not None:
+        overrides.append(f"workload.seed={args.seed}")
+    if args.percentile_metrics:
+        overrides.append(f'report.percentile_metrics="{args.percentile_metrics}"')
+    if args.metric_percentiles:
+        overrides.append(f'report.metric_percentiles="{args.metric_percentiles}"')
+    for slo in args.goodput or []:
+        key, _, ms = slo.partition(":")
+        overrides.append(f"report.goodput.{key}={ms}")
+    sc = load_scenario(args.scenario, overrides)
+    res = simulate(sc)
+    e = sc.engine
+    if not args.quiet:
+        print(f"Scenario: {sc.name}  ({e.scheduler}, chunked prefill "
+              f"{'on' if e.enable_chunked_prefill else 'off'}, max_num_batched_tokens "
+              f"{e.max_num_batched_tokens}, max_num_seqs {e.max_num_seqs}, max_model_len {e.max_model_len})")
+        params = sc.step_time.params()
+        if not params.calibrated:
+            print(f"WARNING: step time uses {params.source}; latencies are illustrative, not predictions.")
+        rate = sc.workload.request_rate
+        print(f"Traffic request rate: {'inf' if math.isinf(rate) else rate}")
+        if sc.workload.max_concurrency:
+            print(f"Maximum request concurrency: {sc.workload.max_concurrency}")
+    print(format_report(res.bench, sc.workload.max_concurrency))
+    if not args.quiet:
+        print(f"(simulated: {res.num_steps} engine steps, {res.num_preemptions} preemptions, "
+              f"peak KV {res.peak_kv_blocks}/{e.num_gpu_blocks} blocks)")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(_result_json(res, args.save_detailed), indent=2))
+    if args.output_requests:
+        res.bench.requests.to_csv(args.output_requests, index=False)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="servesim",
+        description="Simulate an LLM serving engine under a benchmark workload.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser(
+        "run",
+        help="simulate one scenario and print vLLM's benchmark report",
+        description="Simulate one scenario (a TOML file) and print the report vLLM's benchmark_serving prints.",
+    )
+    r.add_argument("scenario", help="scenario TOML file, e.g. scenarios/seed004/enable-512.toml")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a scenario key, e.g. --set engine.max_num_batched_tokens=1024 (repeatable)")
+    r.add_argument("--seed", type=int, help="workload seed (same as --set workload.seed=N)")
+    r.add_argument("--percentile-metrics", help="comma-separated metrics to report: ttft,tpot,itl,e2el")
+    r.add_argument("--metric-percentiles", help='comma-separated percentiles, e.g. "50,90,99"')
+    r.add_argument("--goodput", nargs="+", metavar="KEY:MS", help="SLOs for goodput, e.g. ttft:2000 tpot:100")
+    r.add_argument("--output-json", metavar="PATH", help="write vLLM's result JSON")
+    r.add_argument("--save-detailed", action="store_true", help="with --output-json: per-request lists too")
+    r.add_argument("--output-requests", metavar="PATH", help="write per-request results as CSV")
+    r.add_argument("-q", "--quiet", action="store_true", help="print only the report")
+    r.set_defaults(func=_cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ScenarioError, WorkloadError, SimulationStuck) as exc:
+        print(f"servesim: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The benchmark client as a SimPy process (vLLM's `benchmark_serving.py` semantics).
+
+Requests are sent on their schedule. With `max_concurrency`, each waits for a permit
+first and its clock (`start_s`) starts only once the permit is held, so TTFT and E2E
+exclude client-side queueing, as in the real client. The permit is returned when the
+request completes or fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import simpy
+
+from .request import Request
+
+
+class BenchmarkClient:
+    def __init__(
+        self,
+        env: simpy.Environment,
+        requests: list[Request],
+        max_concurrency: int | None,
+    ):
+        self.env = env
+        self.requests = sorted(requests, key=lambda r: r.arrival_s)
+        self.permits = simpy.Container(env, capacity=max_concurrency, init=max_concurrency) if max_concurrency else None
+        self.all_done = env.event()
+        self._left = len(requests)
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.submit: Callable[[Request], None] | None = None
+
+    def start(self, submit: Callable[[Request], None]) -> None:
+        self.submit = submit
+        if not self.requests:
+            self.all_done.succeed()
+            return
+        self.env.process(self._dispatch())
+
+    def _dispatch(self):
+        env = self.env
+        for req in self.requests:
+            if req.arrival_s > env.now:
+                yield env.timeout(req.arrival_s - env.now)
+            if self.permits is not None:
+                # asyncio.Semaphore wakes waiters in FIFO order, as this single loop does
+                yield self.permits.get(1)
+            req.start_s = env.now
+            self.in_flight += 1
+            if self.in_flight > self.max_in_flight:
+                self.max_in_flight = self.in_flight
+            self.submit(req)
+
+    def on_done(self, req: Request) -> None:
+        """The response stream ended (completed or failed)."""
+        self.in_flight -= 1
+        if self.permits is not None:
+            self.permits.put(1)
+        self._left -= 1
+        if self._left == 0:
+            self.all_done.succeed()

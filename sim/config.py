@@ -1,0 +1,321 @@
+"""Scenario files: one engine deployment plus one benchmark run, in TOML.
+
+Engine keys are vLLM's flag names (`max_num_batched_tokens`, `enable_chunked_prefill`,
+...); workload keys are the benchmark client's (`dataset_name`, `num_prompts`,
+`request_rate`, `max_concurrency`, ...). A flag left out takes vLLM's default for the
+pinned engine version (`resolve_engine_defaults`), and the combination is checked with
+the same rules, and the same messages, vLLM uses at startup.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .step_time import StepTimeParams
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot run: names the field and the rule it breaks."""
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    parts = []
+    for p in v.split("."):
+        digits = "".join(ch for ch in p if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts) or (0,)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class EngineConfig(_Strict):
+    scheduler: Literal["vllm-v0", "vllm-v1"] = "vllm-v1"
+    version: str = Field("0.11.0", description="vLLM release whose defaults apply")
+    gpu: str = Field("", description="device name, used only for vLLM's per-GPU defaults")
+    gpu_memory_gib: float | None = None
+
+    max_model_len: int = Field(gt=0)
+    max_num_batched_tokens: int | None = Field(None, gt=0)
+    max_num_seqs: int | None = Field(None, gt=0)
+    enable_chunked_prefill: bool | None = None
+    long_prefill_token_threshold: int = Field(0, ge=0)
+    block_size: int = Field(16, gt=0)
+    # KV capacity: vLLM derives it from memory profiling; a scenario states it directly.
+    num_gpu_blocks_override: int | None = Field(None, gt=0)
+    kv_cache_tokens: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _kv_capacity_given(self):
+        if (self.num_gpu_blocks_override is None) == (self.kv_cache_tokens is None):
+            raise ValueError(
+                "give exactly one of num_gpu_blocks_override (blocks) or kv_cache_tokens (tokens) "
+                "for the KV cache capacity"
+            )
+        return self
+
+    @property
+    def num_gpu_blocks(self) -> int:
+        if self.num_gpu_blocks_override is not None:
+            return self.num_gpu_blocks_override
+        return self.kv_cache_tokens // self.block_size
+
+
+def resolve_engine_defaults(e: EngineConfig) -> EngineConfig:
+    """Fill omitted flags with vLLM's defaults for `e.version`, then apply vLLM's checks."""
+    v = _version_tuple(e.version)
+    upd: dict[str, Any] = {}
+    chunking = e.enable_chunked_prefill
+    if e.scheduler == "vllm-v0":
+        if chunking is None:
+            # arg_utils (v0.6-v0.8): switched on when unset and max_model_len > 32K on CUDA
+            chunking = v >= (0, 6) and e.max_model_len > 32768
+        budget = e.max_num_batched_tokens
+        if budget is None:
+            if not chunking:
+                budget = max(e.max_model_len, 2048)
+            else:
+                budget = 2048 if v >= (0, 7) else 512
+        seqs = e.max_num_seqs if e.max_num_seqs is not None else 256
+    else:
+        if chunking is None:
+            chunking = True
+        big_gpu = _v1_big_gpu(e, v)
+        budget = e.max_num_batched_tokens
+        if budget is None:
+            budget = (8192 if big_gpu else 2048) if chunking else e.max_model_len
+        seqs = e.max_num_seqs
+        if seqs is None:
+            seqs = 1024 if (big_gpu and v >= (0, 9)) else 256
+            if v >= (0, 10):
+                seqs = min(seqs, budget)
+    upd.update(enable_chunked_prefill=chunking, max_num_batched_tokens=budget, max_num_seqs=seqs)
+    e = e.model_copy(update=upd)
+    _verify_engine(e)
+    return e
+
+
+def _v1_big_gpu(e: EngineConfig, v: tuple[int, ...]) -> bool:
+    """V1 `EngineArgs` picks larger defaults on H100-class devices (the server's numbers)."""
+    name = e.gpu.lower()
+    if v >= (0, 10):
+        mem = e.gpu_memory_gib or 0
+        return mem >= 70 and "a100" not in name
+    return "h100" in name or "h200" in name
+
+
+def _verify_engine(e: EngineConfig) -> None:
+    """`SchedulerConfig._verify_args` and the KV-capacity startup check, vLLM's wording."""
+    if e.max_num_batched_tokens < e.max_num_seqs:
+        raise ScenarioError(
+            f"engine.max_num_batched_tokens: max_num_batched_tokens ({e.max_num_batched_tokens}) must "
+            f"be greater than or equal to max_num_seqs ({e.max_num_seqs})."
+        )
+    if not e.enable_chunked_prefill and e.max_num_batched_tokens < e.max_model_len:
+        raise ScenarioError(
+            f"engine.max_num_batched_tokens: max_num_batched_tokens ({e.max_num_batched_tokens}) is "
+            f"smaller than max_model_len ({e.max_model_len}). This effectively limits the maximum "
+            "sequence length to max_num_batched_tokens and makes vLLM reject longer sequences. "
+            "Please increase max_num_batched_tokens or decrease max_model_len."
+        )
+    kv_tokens = e.num_gpu_blocks * e.block_size
+    if e.max_model_len > kv_tokens:
+        raise ScenarioError(
+            f"engine.max_model_len: The model's max seq len ({e.max_model_len}) is larger than the "
+            f"maximum number of tokens that can be stored in KV cache ({kv_tokens}). Try increasing "
+            "`gpu_memory_utilization` or decreasing `max_model_len` when initializing the engine."
+        )
+
+
+class WorkloadConfig(_Strict):
+    client: Literal["vllm", "vllm-legacy"] = Field(
+        "vllm", description="vllm: `vllm bench serve` (>= 0.8); vllm-legacy: old benchmark_serving.py"
+    )
+    dataset_name: Literal["random", "sharegpt", "trace"] = "random"
+    num_prompts: int | None = Field(None, ge=1)
+    request_rate: float = Field(math.inf, gt=0)
+    burstiness: float = Field(1.0, gt=0)
+    max_concurrency: int | None = Field(None, ge=1)
+    seed: int = 0
+    ignore_eos: bool = Field(
+        False, description="lengths are token counts, so every request generates its requested output"
+    )
+    # random
+    random_input_len: int = Field(1024, ge=1)
+    random_output_len: int = Field(128, ge=1)
+    random_range_ratio: float | None = Field(None, ge=0)
+    random_prefix_len: int = Field(0, ge=0)
+    # sharegpt
+    dataset_path: str | None = None
+    sharegpt_output_len: int | None = Field(None, ge=1)
+    # trace
+    trace_path: str | None = None
+    trace_time_scale: float = Field(1.0, gt=0)
+
+    @field_validator("request_rate", "burstiness", mode="before")
+    @classmethod
+    def _inf(cls, v):
+        return math.inf if isinstance(v, str) and v.strip().lower() in ("inf", "infinity") else v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.dataset_name == "trace" and not self.trace_path:
+            raise ValueError("dataset_name 'trace' needs trace_path")
+        if self.client == "vllm" and self.random_range_ratio is not None and not self.random_range_ratio < 1:
+            raise ValueError("random_range_ratio must be in [0, 1) for the vllm client")
+        if self.client == "vllm-legacy" and self.random_range_ratio is not None and self.random_range_ratio > 1:
+            raise ValueError("random_range_ratio must be in [0, 1] for the vllm-legacy client")
+        if self.num_prompts is None and self.dataset_name != "trace":
+            self.num_prompts = 1000
+        return self
+
+    @property
+    def resolved_range_ratio(self) -> float:
+        if self.random_range_ratio is not None:
+            return self.random_range_ratio
+        return 1.0 if self.client == "vllm-legacy" else 0.0
+
+
+class ReportConfig(_Strict):
+    percentile_metrics: str = "ttft,tpot,itl"
+    metric_percentiles: str = "99"
+    goodput: dict[str, float] = Field(default_factory=dict, description="SLOs in ms: ttft, tpot, e2el")
+
+    @field_validator("percentile_metrics")
+    @classmethod
+    def _metrics(cls, v: str):
+        bad = [m for m in v.split(",") if m.strip() not in ("ttft", "tpot", "itl", "e2el")]
+        if bad:
+            raise ValueError(f"unknown metric(s) {bad}; choose from ttft, tpot, itl, e2el")
+        return v
+
+    @field_validator("metric_percentiles")
+    @classmethod
+    def _pcts(cls, v: str):
+        for p in v.split(","):
+            try:
+                x = float(p)
+            except ValueError:
+                raise ValueError(f"percentile {p!r} is not a number") from None
+            if not 0 < x < 100:
+                raise ValueError(f"percentile {p} must be in (0, 100)")
+        return v
+
+    @field_validator("goodput")
+    @classmethod
+    def _slos(cls, v: dict):
+        for k, ms in v.items():
+            if k not in ("ttft", "tpot", "e2el"):
+                raise ValueError(f"unknown goodput SLO {k!r}; choose from ttft, tpot, e2el")
+            if ms < 0:
+                raise ValueError(f"goodput SLO {k} must be >= 0 ms")
+        return v
+
+
+class StepTimeConfig(_Strict):
+    step_overhead_s: float | None = None
+    per_seq_s: float | None = None
+    per_prefill_token_s: float | None = None
+    per_decode_seq_s: float | None = None
+    per_prefill_attn_pair_s: float | None = None
+    per_decode_ctx_token_s: float | None = None
+    calibrated: bool = False
+    source: str | None = None
+
+    def params(self) -> StepTimeParams:
+        given = {k: v for k, v in self.model_dump().items() if v is not None}
+        return StepTimeParams(**given)
+
+
+class Scenario(_Strict):
+    name: str = ""
+    description: str = ""
+    engine: EngineConfig
+    workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
+    step_time: StepTimeConfig = Field(default_factory=StepTimeConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+
+# --- loading ----------------------------------------------------------------------------
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ScenarioError(f"include: {path.name} includes itself (cycle {' -> '.join(p.name for p in seen)})")
+    if not path.exists():
+        raise ScenarioError(f"scenario file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path.name}: not valid TOML: {exc}") from None
+    includes = data.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict = {}
+    for inc in includes:
+        merged = _deep_merge(merged, _read_toml(path.parent / inc, seen + (path,)))
+    return _deep_merge(merged, data)
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """`engine.max_num_batched_tokens=1024` -> (['engine', 'max_num_batched_tokens'], 1024)."""
+    if "=" not in assignment:
+        raise ScenarioError(f"--set {assignment!r}: expected KEY=VALUE, e.g. engine.max_num_seqs=128")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string
+    if raw.strip().lower() in ("inf", "+inf"):
+        value = math.inf
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = _deep_merge({}, data)
+    for a in overrides:
+        keys, value = parse_override(a)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ScenarioError(f"--set {a!r}: {k} is not a table")
+        node[keys[-1]] = value
+    return data
+
+
+def scenario_from_dict(data: dict, origin: str = "scenario") -> Scenario:
+    try:
+        sc = Scenario.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{origin}: invalid scenario"]
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ScenarioError("\n".join(lines)) from None
+    try:
+        sc.step_time.params()
+    except ValueError as exc:
+        raise ScenarioError(f"{origin}: {exc}") from None
+    return sc.model_copy(update={"engine": resolve_engine_defaults(sc.engine)})
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+    path = Path(path)
+    data = apply_overrides(_read_toml(path), overrides or [])
+    data.setdefault("name", path.stem)
+    return scenario_from_dict(data, origin=str(path))

@@ -1,0 +1,148 @@
+"""One engine instance as a SimPy process: schedule, run the step, stream tokens.
+
+    loop:
+        batch = scheduler.schedule()
+        if nothing to run: sleep until a request arrives
+        wait step_time(batch)
+        every request whose tokens are now all computed emits one token
+
+The front door (the OpenAI server's length check) runs when a request arrives, before
+the scheduler ever sees it, exactly like vLLM's HTTP 400.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import simpy
+
+from .request import Request, Status
+from .schedulers.base import Scheduler
+from .step_time import StepTimeParams, step_time_s
+
+
+def front_door_error(req: Request, max_model_len: int) -> str:
+    """vLLM's OpenAI-server validation; a non-empty string means HTTP 400."""
+    if req.prompt_len < 1:
+        return "The decoder prompt cannot be empty"
+    if req.max_tokens < 1:
+        return f"max_tokens must be at least 1, got {req.max_tokens}."
+    total = req.prompt_len + req.max_tokens
+    if total > max_model_len:  # strictly greater
+        return (
+            f"This model's maximum context length is {max_model_len} tokens. "
+            f"However, you requested {total} tokens ({req.prompt_len} in the messages, "
+            f"{req.max_tokens} in the completion). Please reduce the length of the "
+            "messages or completion."
+        )
+    return ""
+
+
+class SimulationStuck(RuntimeError):
+    """The scheduler has work but can schedule nothing and nothing will free memory."""
+
+
+@dataclass(slots=True)
+class StepRecord:
+    t_start_s: float
+    duration_s: float
+    num_seqs: int
+    prefill_tokens: int
+    decode_seqs: int
+    num_preempted: int
+    kv_blocks_used: int
+    num_waiting: int
+
+
+class Engine:
+    def __init__(
+        self,
+        env: simpy.Environment,
+        scheduler: Scheduler,
+        step_params: StepTimeParams,
+        max_model_len: int,
+        on_done: Callable[[Request], None],
+        record_steps: bool = False,
+    ):
+        self.env = env
+        self.scheduler = scheduler
+        self.step_params = step_params
+        self.max_model_len = max_model_len
+        self.on_done = on_done
+        self.steps: list[StepRecord] | None = [] if record_steps else None
+        self.num_steps = 0
+        self.max_batch_tokens = 0
+        self.max_batch_seqs = 0
+        self._wakeup: simpy.Event | None = None
+        self.process = env.process(self._run())
+
+    # --- arrivals -----------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        """The request reaches the server; the OpenAI front end may answer HTTP 400 at once."""
+        error = front_door_error(req, self.max_model_len)
+        if error:
+            req.status = Status.FAILED
+            req.error = error
+            self.on_done(req)
+            return
+        self.scheduler.add(req)
+        if self._wakeup is not None and not self._wakeup.triggered:
+            self._wakeup.succeed()
+
+    # --- the step loop --------------------------------------------------------------
+    def _run(self):
+        env, sched = self.env, self.scheduler
+        while True:
+            batch = sched.schedule()
+            for req in sched.rejected:
+                self.on_done(req)
+            sched.rejected.clear()
+            if not batch.reqs:
+                if batch.preempted:
+                    continue  # everything was preempted; the next plan re-admits from waiting
+                if sched.has_work():
+                    # running requests are always scheduled or preempted, so this means the
+                    # waiting head can never be admitted and nothing will ever free memory
+                    head = (sched.waiting or sched.running)[0]
+                    raise SimulationStuck(
+                        f"t={env.now:.3f}s: request {head.rid} ({head.num_tokens} tokens) can never "
+                        f"be scheduled: {sched.kv.num_free} of {sched.kv.num_blocks} KV blocks free, "
+                        "nothing running"
+                    )
+                self._wakeup = env.event()
+                yield self._wakeup  # idle until the next arrival
+                self._wakeup = None
+                continue
+
+            shape = batch.shape
+            dt = step_time_s(self.step_params, shape)
+            t0 = env.now
+            yield env.timeout(dt)
+            now = env.now
+            self.num_steps += 1
+            ntok = shape.prefill_tokens + shape.decode_seqs
+            if ntok > self.max_batch_tokens:
+                self.max_batch_tokens = ntok
+            if shape.num_seqs > self.max_batch_seqs:
+                self.max_batch_seqs = shape.num_seqs
+            if self.steps is not None:
+                self.steps.append(
+                    StepRecord(t0, dt, shape.num_seqs, shape.prefill_tokens, shape.decode_seqs,
+                               len(batch.preempted), sched.kv.num_used, len(sched.waiting))
+                )
+
+            finished = []
+            for req, n in zip(batch.reqs, batch.num_new):
+                req.num_computed += n
+                if req.num_computed == req.num_tokens:
+                    # all KV present: the model samples one token, streamed to the client now
+                    req.output_len += 1
+                    req.token_times.append(now)
+                    if req.output_len >= req.max_tokens:
+                        req.status = Status.FINISHED
+                        finished.append(req)
+            if finished:
+                sched.release_finished(finished)
+                for req in finished:
+                    self.on_done(req)

@@ -1,0 +1,55 @@
+"""A request as both the benchmark client and the engine see it.
+
+The engine's view follows vLLM V1: a request is a token sequence (prompt plus the
+tokens generated so far) and a count of tokens whose KV is already computed. A step
+schedules some of the uncomputed tokens; when all are computed the model samples one
+new token. Decodes, prefill chunks and re-prefills after a preemption are all the same
+rule, which is why the schedulers need no special cases for them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Status(str, Enum):
+    PENDING = "pending"  # created by the client, not yet sent
+    WAITING = "waiting"  # in the engine's waiting queue
+    RUNNING = "running"  # holds KV blocks, scheduled step by step
+    FINISHED = "finished"  # generated max_tokens
+    FAILED = "failed"  # rejected (HTTP 400 at the front door, or can never fit)
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    rid: int
+    prompt_len: int
+    max_tokens: int  # requested output length (the client asks for it; EOS is ignored)
+    arrival_s: float  # when the client's schedule says to send it
+
+    # client side
+    start_s: float = math.nan  # request clock starts once the concurrency permit is held
+    # engine side
+    status: Status = Status.PENDING
+    num_computed: int = 0  # tokens whose KV has been computed
+    output_len: int = 0  # tokens emitted so far
+    num_blocks: int = 0  # KV blocks held
+    num_preemptions: int = 0
+    token_times: list[float] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens: everything whose KV must exist before sampling."""
+        return self.prompt_len + self.output_len
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True while more than one token is uncomputed (a prompt, or a re-prefill)."""
+        return self.num_tokens - self.num_computed > 1 or self.output_len == 0
+
+    @property
+    def done(self) -> bool:
+        return self.status in (Status.FINISHED, Status.FAILED)

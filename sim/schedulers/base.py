@@ -1,0 +1,95 @@
+"""What every scheduler shares: the batch it returns and recompute preemption."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..kv_cache import KVCache
+from ..request import Request, Status
+from ..step_time import BatchShape
+
+
+@dataclass(slots=True)
+class Batch:
+    """One step's work: requests and how many tokens each computes."""
+
+    reqs: list[Request] = field(default_factory=list)
+    num_new: list[int] = field(default_factory=list)
+    shape: BatchShape = field(default_factory=BatchShape)
+    preempted: list[Request] = field(default_factory=list)
+
+    def add(self, req: Request, n: int) -> None:
+        self.reqs.append(req)
+        self.num_new.append(n)
+        self.shape.add_chunk(req.num_computed, n)
+
+    def __len__(self) -> int:
+        return len(self.reqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new)
+
+
+class Scheduler:
+    """Holds the waiting and running queues; subclasses decide each step's batch."""
+
+    name = "base"
+
+    def __init__(self, cfg, kv: KVCache):
+        self.cfg = cfg
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        # requests the scheduler rejected itself (e.g. can never fit): the engine reports them
+        self.rejected: list[Request] = []
+
+    # --- queue plumbing ----------------------------------------------------------
+    def add(self, req: Request) -> None:
+        req.status = Status.WAITING
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def release_finished(self, finished: list[Request]) -> None:
+        """Called by the engine after a step: finished requests leave and free their KV."""
+        for req in finished:
+            self.kv.free(req)
+        self.running = [r for r in self.running if r.status is not Status.FINISHED]
+
+    def reject(self, req: Request, reason: str) -> None:
+        req.status = Status.FAILED
+        req.error = reason
+        self.kv.free(req)
+        self.rejected.append(req)
+
+    def preempt(self, req: Request, batch: Batch) -> None:
+        """Preemption by recompute: drop the KV, re-prefill prompt + output later.
+
+        Tokens already streamed to the client are kept. The victim rejoins the waiting
+        queue at the end of the step (see `schedule`), so it cannot be re-admitted in the
+        step that preempted it.
+        """
+        self.kv.free(req)
+        req.num_computed = 0
+        req.num_preemptions += 1
+        req.status = Status.WAITING
+        self.num_preemptions += 1
+        batch.preempted.append(req)
+
+    def schedule(self) -> Batch:
+        """One step's batch. Preempted requests go back to the head of `waiting`.
+
+        Victims come off the tail of `running` (newest first); prepending them one by one
+        leaves the oldest victim at the very head, as vLLM V0's `extendleft` and V1's
+        `prepend_request` both do.
+        """
+        batch = self._schedule()
+        self.waiting.extendleft(batch.preempted)
+        return batch
+
+    def _schedule(self) -> Batch:  # pragma: no cover - interface
+        raise NotImplementedError

@@ -1,0 +1,132 @@
+"""vLLM V0 scheduler (`vllm/core/scheduler.py`, v0.5–v0.8), single-sequence requests.
+
+Two modes, as in the engine:
+- chunked prefill off (`_schedule_default`): a step is prefill-only or decode-only. New
+  prompts are admitted strictly first-come-first-served, whole; if any prefill is
+  scheduled, no decode runs in that step.
+- chunked prefill on (`_schedule_chunked_prefill`): one shared token budget, filled by the
+  running queue in order (decodes, then unfinished prefill chunks) and then by new
+  prefills, which may be chunked but get KV blocks for the whole prompt at admission.
+Preemption is by recompute (swap is only used for n > 1 or beam search, not modelled).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from ..kv_cache import AllocStatus
+from ..request import Request, Status
+from .base import Batch, Scheduler
+
+
+class VllmV0Scheduler(Scheduler):
+    name = "vllm-v0"
+
+    def _prompt_limit(self) -> int:
+        if self.cfg.enable_chunked_prefill:
+            return self.cfg.max_model_len
+        return min(self.cfg.max_model_len, self.cfg.max_num_batched_tokens)
+
+    def _schedule(self) -> Batch:
+        if self.cfg.enable_chunked_prefill:
+            return self._schedule_chunked_prefill()
+        return self._schedule_default()
+
+    # --- admission of waiting requests (both modes) ------------------------------
+    def _schedule_prefills(self, batch: Batch, token_budget: int, num_seqs: int, chunking: bool) -> int:
+        """Walk `waiting` from the head; return the token budget left.
+
+        Strict FCFS: the first request that does not fit (budget, seqs or KV "later") stops
+        the walk, so it blocks everyone behind it.
+        """
+        kv = self.kv
+        admitted: list[Request] = []
+        while self.waiting:
+            req = self.waiting[0]
+            remaining = req.num_tokens - req.num_computed
+            n = min(remaining, token_budget) if chunking else remaining
+            if n > self._prompt_limit():
+                self.waiting.popleft()
+                self.reject(req, f"Input prompt ({n} tokens) is too long and exceeds limit of {self._prompt_limit()}")
+                continue
+            verdict = kv.can_allocate(remaining)
+            if verdict is AllocStatus.LATER:
+                break
+            if verdict is AllocStatus.NEVER:
+                self.waiting.popleft()
+                self.reject(
+                    req,
+                    f"Input prompt ({remaining} tokens) is too long and exceeds the capacity of block_manager",
+                )
+                continue
+            if n == 0 or n > token_budget or num_seqs + 1 > self.cfg.max_num_seqs:
+                break
+            self.waiting.popleft()
+            kv.allocate(req, remaining)  # whole prompt, even when only a chunk runs now
+            req.status = Status.RUNNING
+            admitted.append(req)
+            batch.add(req, n)
+            token_budget -= n
+            num_seqs += 1
+        self.running.extend(admitted)
+        return token_budget
+
+    # --- running requests ----------------------------------------------------------
+    def _ensure_slot(self, req: Request, queue: deque[Request], batch: Batch) -> bool:
+        """Make room for `req`'s next token by preempting from the tail of `queue`.
+
+        Returns False if `req` itself had to be preempted.
+        """
+        while not self.kv.can_append_slot():
+            if queue:
+                self.preempt(queue.pop(), batch)  # the most recently admitted request
+            else:
+                self.preempt(req, batch)  # nothing left behind it: it preempts itself
+                return False
+        return True
+
+    def _schedule_running(self, batch: Batch, token_budget: int, chunking: bool) -> int:
+        """Walk the running queue in order; return the token budget left.
+
+        The running queue is rebuilt as: requests the budget did not reach (they keep
+        their place at the head), then this step's decodes, then its prefill chunks,
+        those finishing their prompt first.
+        """
+        queue = deque(self.running)
+        decodes: list[Request] = []
+        finishing: list[Request] = []  # prefill chunks that complete the prompt this step
+        chunks: list[Request] = []
+        while queue:
+            req = queue[0]
+            remaining = req.num_tokens - req.num_computed
+            n = min(remaining, token_budget) if chunking else remaining
+            if n == 0:
+                break  # budget exhausted: V0 stops here
+            queue.popleft()
+            if not self._ensure_slot(req, queue, batch):
+                continue
+            self.kv.allocate(req, req.num_computed + n)
+            batch.add(req, n)
+            token_budget -= n
+            if remaining == 1:
+                decodes.append(req)
+            else:
+                (finishing if n == remaining else chunks).append(req)
+        self.running = list(queue) + decodes + finishing + chunks
+        return token_budget
+
+    # --- the two modes -----------------------------------------------------------------
+    def _schedule_default(self) -> Batch:
+        batch = Batch()
+        # running sequences count against max_num_seqs before any prefill is admitted
+        self._schedule_prefills(batch, self.cfg.max_num_batched_tokens, len(self.running), chunking=False)
+        if len(batch) == 0:
+            self._schedule_running(batch, self.cfg.max_num_batched_tokens, chunking=False)
+        return batch
+
+    def _schedule_chunked_prefill(self) -> Batch:
+        batch = Batch()
+        budget = self._schedule_running(batch, self.cfg.max_num_batched_tokens, chunking=True)
+        # only the running requests scheduled this step count against max_num_seqs
+        self._schedule_prefills(batch, budget, len(batch), chunking=True)
+        return batch

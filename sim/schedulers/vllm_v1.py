@@ -1,0 +1,72 @@
+"""vLLM V1 scheduler (`vllm/v1/core/sched/scheduler.py`): one loop, one token budget.
+
+Each step tries to bring every request's computed tokens up to its token count. Running
+requests go first, in order; waiting requests are admitted only if nothing was preempted
+in this step. KV is allocated for the tokens scheduled now (a prefill chunk), not for the
+whole prompt.
+"""
+
+from __future__ import annotations
+
+from ..request import Status
+from .base import Batch, Scheduler
+
+
+class VllmV1Scheduler(Scheduler):
+    name = "vllm-v1"
+
+    def _num_new_tokens(self, req, token_budget: int) -> int:
+        n = req.num_tokens - req.num_computed
+        threshold = self.cfg.long_prefill_token_threshold
+        if threshold > 0:
+            n = min(n, threshold)
+        n = min(n, token_budget)
+        # the model never computes position max_model_len - 1 and beyond
+        return min(n, self.cfg.max_model_len - 1 - req.num_computed)
+
+    def _schedule(self) -> Batch:
+        batch = Batch()
+        kv = self.kv
+        token_budget = self.cfg.max_num_batched_tokens
+
+        # 1. running requests, in order
+        i = 0
+        while i < len(self.running) and token_budget > 0:
+            req = self.running[i]
+            n = self._num_new_tokens(req, token_budget)
+            if n <= 0:
+                i += 1
+                continue  # V1 skips, it does not stop
+            scheduled = True
+            while not kv.allocate(req, req.num_computed + n):
+                # preempt the newest admission; it is never one already scheduled, because
+                # the loop walks from the head and the victim comes off the tail
+                victim = self.running.pop()
+                self.preempt(victim, batch)
+                if victim is req:
+                    scheduled = False
+                    break
+            if not scheduled:
+                break
+            batch.add(req, n)
+            token_budget -= n
+            i += 1
+
+        # 2. waiting requests, only if this step preempted nothing
+        if not batch.preempted:
+            chunking = self.cfg.enable_chunked_prefill
+            while self.waiting and token_budget > 0:
+                if len(self.running) >= self.cfg.max_num_seqs:
+                    break
+                req = self.waiting[0]
+                n = self._num_new_tokens(req, token_budget)
+                if not chunking and n < req.num_tokens - req.num_computed:
+                    break  # chunking disabled and the whole prompt does not fit the budget
+                if not kv.allocate(req, req.num_computed + n):
+                    break
+                self.waiting.popleft()
+                req.status = Status.RUNNING
+                self.running.append(req)
+                batch.add(req, n)
+                token_budget -= n
+        return batch

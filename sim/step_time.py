@@ -1,0 +1,83 @@
+"""How long one engine step (one forward pass) takes, as a function of the batch only.
+
+The batch is summarised by `BatchShape`; the model is a handful of named, unit-bearing
+coefficients. Nothing here knows about schedulers or requests, so calibration can fit
+the coefficients against measured tables and the same function serves every engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(slots=True)
+class BatchShape:
+    """What a forward pass costs depends on; filled in by the scheduler per step."""
+
+    num_seqs: int = 0  # requests in the batch
+    prefill_tokens: int = 0  # tokens of prompt chunks (and re-prefills) in the batch
+    prefill_attn_pairs: float = 0.0  # Σ over chunks of query×key pairs (causal)
+    decode_seqs: int = 0  # requests computing exactly one token
+    decode_ctx_tokens: int = 0  # Σ context length those decodes attend over
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prefill_tokens + self.decode_seqs
+
+    def add_chunk(self, num_computed: int, num_new: int) -> None:
+        """Account a request computing `num_new` tokens after `num_computed` cached ones."""
+        self.num_seqs += 1
+        if num_new == 1 and num_computed > 0:
+            self.decode_seqs += 1
+            self.decode_ctx_tokens += num_computed + 1
+        else:
+            self.prefill_tokens += num_new
+            # each new token attends to the cached context and to the new tokens before it
+            self.prefill_attn_pairs += num_new * num_computed + num_new * (num_new + 1) / 2
+
+
+@dataclass(frozen=True, slots=True)
+class StepTimeParams:
+    """Linear step-time model; each coefficient's unit is in its name.
+
+    step = step_overhead_s
+         + per_seq_s · num_seqs
+         + per_prefill_token_s · prefill_tokens
+         + per_decode_seq_s · decode_seqs
+         + per_prefill_attn_pair_s · prefill_attn_pairs
+         + per_decode_ctx_token_s · decode_ctx_tokens
+
+    The defaults are hand-set magnitudes for a 70B-class 4-bit model on one 80 GB GPU.
+    They are NOT calibrated: use them for shapes and plumbing, not for numbers.
+    """
+
+    step_overhead_s: float = 0.015
+    per_seq_s: float = 0.0
+    per_prefill_token_s: float = 6.0e-4
+    per_decode_seq_s: float = 6.0e-4
+    per_prefill_attn_pair_s: float = 1.0e-8
+    per_decode_ctx_token_s: float = 1.6e-7
+    calibrated: bool = False
+    source: str = "uncalibrated hand-set defaults"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name.endswith("_s") and (not isinstance(v, (int, float)) or v < 0):
+                raise ValueError(f"step_time.{f.name} must be a number >= 0, got {v!r}")
+        if self.step_overhead_s <= 0 and self.per_prefill_token_s <= 0 and self.per_decode_seq_s <= 0:
+            raise ValueError("step_time: every step would take 0 s; give a positive overhead or per-token cost")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def step_time_s(p: StepTimeParams, b: BatchShape) -> float:
+    return (
+        p.step_overhead_s
+        + p.per_seq_s * b.num_seqs
+        + p.per_prefill_token_s * b.prefill_tokens
+        + p.per_decode_seq_s * b.decode_seqs
+        + p.per_prefill_attn_pair_s * b.prefill_attn_pairs
+        + p.per_decode_ctx_token_s * b.decode_ctx_tokens
+    )

@@ -1,0 +1,179 @@
+"""The benchmark client's request list: datasets (lengths) and arrival times.
+
+Mirrors `vllm bench serve` / `benchmarks/benchmark_serving.py` (and, where selected,
+the older client): the same length distributions, filters, defaults and arrival
+processes. Lengths are token counts only; there is no text.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .request import Request
+
+SHAREGPT_DEFAULT = "sharegpt_v3_qwen_lengths.csv"
+
+
+class WorkloadError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    prompt_len: int
+    output_len: int
+
+
+# --- datasets -------------------------------------------------------------------------
+def load_sharegpt_lengths(path: str | None) -> pd.DataFrame:
+    """Prompt/completion token counts, columns `prompt_tokens,completion_tokens`."""
+    if path is None:
+        with resources.as_file(resources.files("sim.data") / SHAREGPT_DEFAULT) as p:
+            df = pd.read_csv(p)
+    else:
+        if not Path(path).exists():
+            raise WorkloadError(f"workload.dataset_path: file not found: {path}")
+        df = pd.read_csv(path)
+    missing = {"prompt_tokens", "completion_tokens"} - set(df.columns)
+    if missing:
+        raise WorkloadError(f"workload.dataset_path: {path} lacks column(s) {sorted(missing)}")
+    return df
+
+
+def sample_sharegpt(df: pd.DataFrame, num_prompts: int, seed: int, fixed_output_len: int | None) -> list[Sample]:
+    """vLLM's ShareGPT sampler: shuffle with the seed, keep the first that pass the filter.
+
+    Filter: prompt < 4 or output < 4 is too short (the output check is skipped when the
+    output length is fixed); prompt > 1024 or prompt + output > 2048 is too long.
+    """
+    prompts = df["prompt_tokens"].to_numpy()
+    completions = df["completion_tokens"].to_numpy()
+    order = list(range(len(df)))
+    random.Random(seed).shuffle(order)
+    out: list[Sample] = []
+    for i in order:
+        p = int(prompts[i])
+        o = int(completions[i]) if fixed_output_len is None else fixed_output_len
+        if p < 4 or (fixed_output_len is None and o < 4):
+            continue
+        if p > 1024 or p + o > 2048:
+            continue
+        out.append(Sample(p, o))
+        if len(out) == num_prompts:
+            return out
+    raise WorkloadError(
+        f"workload.num_prompts: only {len(out)} ShareGPT samples pass vLLM's filter, {num_prompts} requested"
+    )
+
+
+def sample_random(
+    rs: np.random.RandomState,
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    range_ratio: float,
+    prefix_len: int,
+    legacy: bool,
+) -> list[Sample]:
+    """vLLM's random dataset.
+
+    vLLM >= 0.8 (`RandomDataset`): input uniform on [floor(L(1-r)), ceil(L(1+r))], output on
+    [max(floor(O(1-r)), 1), ceil(O(1+r))], r in [0, 1).
+    Older `sample_random_requests`: input on [int(L·r), L], output on [int(O·r), O].
+    A shared prefix of `prefix_len` tokens is added to every prompt.
+    """
+    if legacy:
+        in_lo, in_hi = int(input_len * range_ratio), input_len
+        out_lo, out_hi = int(output_len * range_ratio), output_len
+    else:
+        in_lo, in_hi = math.floor(input_len * (1 - range_ratio)), math.ceil(input_len * (1 + range_ratio))
+        out_lo, out_hi = max(math.floor(output_len * (1 - range_ratio)), 1), math.ceil(output_len * (1 + range_ratio))
+    ins = rs.randint(in_lo, in_hi + 1, size=num_prompts)
+    outs = rs.randint(out_lo, out_hi + 1, size=num_prompts)
+    return [Sample(prefix_len + int(i), int(o)) for i, o in zip(ins, outs)]
+
+
+def load_trace(path: str, num_prompts: int | None, time_scale: float) -> tuple[list[Sample], np.ndarray]:
+    """Azure-style trace: TIMESTAMP (datetime or seconds), ContextTokens, GeneratedTokens.
+
+    Arrival times are relative to the first row, multiplied by `time_scale`
+    (0.1 replays the trace at 10x its rate).
+    """
+    if not Path(path).exists():
+        raise WorkloadError(f"workload.trace_path: file not found: {path}")
+    df = pd.read_csv(path)
+    cols = {c.lower(): c for c in df.columns}
+    try:
+        ts_col, in_col, out_col = cols["timestamp"], cols["contexttokens"], cols["generatedtokens"]
+    except KeyError:
+        raise WorkloadError(
+            f"workload.trace_path: {path} needs columns TIMESTAMP, ContextTokens, GeneratedTokens; has {list(df.columns)}"
+        ) from None
+    if num_prompts is not None:
+        df = df.iloc[:num_prompts]
+    ts = df[ts_col]
+    if pd.api.types.is_numeric_dtype(ts):
+        t = ts.to_numpy(dtype=float)
+    else:
+        t = pd.to_datetime(ts).astype("int64").to_numpy() / 1e9
+    t = (t - t[0]) * time_scale
+    if np.any(np.diff(t) < 0):
+        raise WorkloadError(f"workload.trace_path: {path}: timestamps must not decrease")
+    samples = [Sample(int(i), int(o)) for i, o in zip(df[in_col], df[out_col])]
+    bad = [k for k, s in enumerate(samples) if s.prompt_len < 1 or s.output_len < 1]
+    if bad:
+        raise WorkloadError(
+            f"workload.trace_path: row {bad[0] + 2} has a prompt or output length below 1 "
+            "(a request must have at least one prompt token and ask for one output token)"
+        )
+    return samples, t
+
+
+# --- arrivals -------------------------------------------------------------------------
+def arrival_times(
+    rs: np.random.RandomState, n: int, request_rate: float, burstiness: float, legacy: bool
+) -> np.ndarray:
+    """Dispatch times in seconds from the start of the benchmark.
+
+    Gaps are Gamma(shape=burstiness, scale=1/(rate·burstiness)); burstiness 1 is Poisson.
+    The older client sends the first request at once and sleeps a gap after each.
+    `vllm bench serve` draws a delay for every request, accumulates them, and rescales so
+    the last request lands exactly at n / rate.
+    """
+    if math.isinf(request_rate):
+        return np.zeros(n)
+    if math.isinf(burstiness):
+        gaps = np.full(n, 1.0 / request_rate)
+    else:
+        gaps = rs.gamma(shape=burstiness, scale=1.0 / (request_rate * burstiness), size=n)
+    if legacy:
+        return np.concatenate([[0.0], np.cumsum(gaps[:-1])])
+    t = np.cumsum(gaps)
+    return t * ((n / request_rate) / t[-1])
+
+
+def build_requests(w) -> list[Request]:
+    """The request list of one benchmark run, from a validated `WorkloadConfig`."""
+    legacy = w.client == "vllm-legacy"
+    rs = np.random.RandomState(w.seed)
+    times = None
+    if w.dataset_name == "sharegpt":
+        samples = sample_sharegpt(load_sharegpt_lengths(w.dataset_path), w.num_prompts, w.seed, w.sharegpt_output_len)
+    elif w.dataset_name == "random":
+        samples = sample_random(
+            rs, w.num_prompts, w.random_input_len, w.random_output_len,
+            w.resolved_range_ratio, w.random_prefix_len, legacy,
+        )
+    else:
+        samples, times = load_trace(w.trace_path, w.num_prompts, w.trace_time_scale)
+    if times is None:
+        times = arrival_times(rs, len(samples), w.request_rate, w.burstiness, legacy)
+    return [Request(rid=i, prompt_len=s.prompt_len, max_tokens=s.output_len, arrival_s=float(t))
+            for i, (s, t) in enumerate(zip(samples, times))]
