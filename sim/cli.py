@@ -11,35 +11,27 @@ from pathlib import Path
 
 from .config import ScenarioError, load_scenario
 from .engine import SimulationStuck
-from .metrics import format_report
+from .metrics import format_report, result_json
 from .runner import SimResult, simulate
 from .workload import WorkloadError
 
 
 def _result_json(res: SimResult, detailed: bool) -> dict:
-    """vLLM's `--save-result` layout, plus a `servesim` section saying what was simulated."""
+    """vLLM's result JSON, plus a `servesim` section saying what was simulated."""
     sc, w = res.scenario, res.scenario.workload
-    out = {
-        "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
-        "backend": "vllm",
-        "model_id": sc.name,
-        "tokenizer_id": sc.name,
-        "num_prompts": len(res.requests),
-        "request_rate": "inf" if math.isinf(w.request_rate) else w.request_rate,
-        "burstiness": w.burstiness,
-        "max_concurrency": w.max_concurrency,
-    }
-    out.update(res.bench.metrics)
-    out["max_concurrent_requests"] = res.max_concurrent_requests
-    if detailed:
-        df = res.bench.requests
-        ok = df["success"]
-        out["input_lens"] = df["prompt_len"].tolist()
-        out["output_lens"] = df["output_len"].tolist()
-        out["ttfts"] = [float(x) if s else 0.0 for x, s in zip(df["ttft_s"], ok)]
-        out["itls"] = [[float(g) for g in _gaps(r.token_times)] for r in res.requests]
-        out["start_times"] = df["start_s"].tolist()
-        out["errors"] = df["error"].tolist()
+    header = {"date": datetime.now().strftime("%Y%m%d-%H%M%S")}
+    if w.client != "vllm-legacy":
+        header.update(endpoint_type="openai", label=None)
+    header.update(
+        backend="vllm",
+        model_id=sc.name,
+        tokenizer_id=sc.name,
+        num_prompts=len(res.requests),
+        request_rate="inf" if math.isinf(w.request_rate) else w.request_rate,
+        burstiness=w.burstiness,
+        max_concurrency=w.max_concurrency,
+    )
+    out = result_json(res.bench, w.client, header, res.requests if detailed else None)
     out["servesim"] = {
         "simulated": True,
         "scenario": sc.name,
@@ -52,10 +44,6 @@ def _result_json(res: SimResult, detailed: bool) -> dict:
         "peak_kv_blocks": res.peak_kv_blocks,
     }
     return out
-
-
-def _gaps(times: list[float]) -> list[float]:
-    return [b - a for a, b in zip(times, times[1:])]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -79,11 +67,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         params = sc.step_time.params()
         if not params.calibrated:
             print(f"WARNING: step time uses {params.source}; latencies are illustrative, not predictions.")
-        rate = sc.workload.request_rate
-        print(f"Traffic request rate: {'inf' if math.isinf(rate) else rate}")
-        if sc.workload.max_concurrency:
-            print(f"Maximum request concurrency: {sc.workload.max_concurrency}")
-    print(format_report(res.bench, sc.workload.max_concurrency))
+        w = sc.workload
+        print(f"Traffic request rate: {'inf' if math.isinf(w.request_rate) else w.request_rate}")
+        kind = "Poisson process" if w.burstiness == 1.0 else "Gamma distribution"
+        print(f"Burstiness factor: {w.burstiness} ({kind})")
+        print(f"Maximum request concurrency: {w.max_concurrency}")
+    w = sc.workload
+    print(format_report(res.bench, w.client, w.max_concurrency, w.request_rate))
     if not args.quiet:
         print(f"(simulated: {res.num_steps} engine steps, {res.num_preemptions} preemptions, "
               f"peak KV {res.peak_kv_blocks}/{e.num_gpu_blocks} blocks)")

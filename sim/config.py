@@ -83,7 +83,8 @@ def resolve_engine_defaults(e: EngineConfig) -> EngineConfig:
             if not chunking:
                 budget = max(e.max_model_len, 2048)
             else:
-                budget = 2048 if v >= (0, 7) else 512
+                # 512 until v0.6.4; 2048 from v0.6.5 (vllm PR 10544)
+                budget = 2048 if v >= (0, 6, 5) else 512
         seqs = e.max_num_seqs if e.max_num_seqs is not None else 256
     else:
         if chunking is None:

@@ -56,14 +56,21 @@ class KVCache:
             return AllocStatus.OK
         return AllocStatus.LATER
 
-    def can_append_slot(self) -> bool:
-        """V0 `can_append_slots` for a one-sequence group.
+    def can_append_slots(self, req: Request) -> bool:
+        """V0 `can_append_slots` for a one-sequence group (no watermark).
 
-        The block table counts the block the next token lands in as touched, even when
-        that block still has room, so a running sequence needs one free block to be
-        scheduled at all. This is why V0 preempts when the pool is exactly full.
+        The block table counts the blocks its unseen tokens would touch as
+        1 + ceil((unseen - room in the last block) / block_size): a decode's one new token
+        counts one block even when the last block still has room, so V0 preempts as soon
+        as the pool is exactly full. A prefill chunk's tokens already have blocks (V0
+        allocates the whole prompt), so it touches one block, or none when the prompt
+        ends on a block boundary.
         """
-        return self.num_free >= 1
+        if req.num_computed == 0 or req.num_tokens - req.num_computed > 1:
+            touched = 0 if req.num_tokens % self.block_size == 0 else 1
+        else:
+            touched = 1
+        return touched <= self.num_free
 
     # --- shared by every engine ------------------------------------------------
     def allocate(self, req: Request, num_tokens: int) -> bool:

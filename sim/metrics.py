@@ -56,6 +56,28 @@ def _pct_label(p: float) -> str:
     return str(int(p)) if float(p).is_integer() else str(p)
 
 
+def peak_rates(requests: list[Request]) -> tuple[float, int]:
+    """`vllm bench serve`'s peaks over 1-second buckets from the earliest start.
+
+    Each token adds one to the bucket it arrived in; each request adds one to every bucket
+    from its start to its end, inclusive. Successful requests only.
+    """
+    ok = [r for r in requests if r.status is Status.FINISHED and r.token_times]
+    if not ok:
+        return 0.0, 0
+    t0 = min(r.start_s for r in ok)
+    t_end = max(r.token_times[-1] for r in ok)
+    n = int(np.ceil(t_end - t0)) + 1
+    tokens = np.zeros(n)
+    for r in ok:
+        np.add.at(tokens, (np.asarray(r.token_times) - t0).astype(int), 1)
+    conc = np.zeros(n + 1, dtype=int)
+    for r in ok:
+        conc[int(r.start_s - t0)] += 1
+        conc[int(r.token_times[-1] - t0) + 1] -= 1
+    return float(tokens.max()), int(np.cumsum(conc).max())
+
+
 @dataclass
 class BenchmarkResult:
     """The numbers vLLM's benchmark prints and saves, plus the per-request table."""
@@ -101,6 +123,7 @@ def calculate_metrics(
         m["request_goodput"] = int(good.sum()) / duration_s if duration_s > 0 else 0.0
     m["output_throughput"] = total_output / duration_s if duration_s > 0 else 0.0
     m["total_token_throughput"] = (total_input + total_output) / duration_s if duration_s > 0 else 0.0
+    m["max_output_tokens_per_s"], m["max_concurrent_requests"] = peak_rates(requests)
     for name in ("ttft", "tpot", "itl", "e2el"):
         x = series_ms[name]
         has = len(x) > 0
@@ -112,29 +135,90 @@ def calculate_metrics(
     return BenchmarkResult(m, df, percentile_metrics, percentiles, goodput or {})
 
 
-def format_report(res: BenchmarkResult, max_concurrency: int | None = None) -> str:
-    """vLLM's `Serving Benchmark Result` block, line for line."""
+def format_report(
+    res: BenchmarkResult,
+    client: str = "vllm",
+    max_concurrency: int | None = None,
+    request_rate: float = float("inf"),
+) -> str:
+    """The `Serving Benchmark Result` block, line for line.
+
+    `vllm-legacy` prints what benchmarks/benchmark_serving.py (v0.7-v0.8) prints; `vllm`
+    prints what `vllm bench serve` prints (failed count, configured rate, peaks).
+    """
     m = res.metrics
+    new = client != "vllm-legacy"
+    row = "{:<40} {:<10}".format
+    frow = "{:<40} {:<10.2f}".format
     out = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=50, c="=")]
-    out.append("{:<40} {:<10}".format("Successful requests:", m["completed"]))
-    out.append("{:<40} {:<10}".format("Failed requests:", m["failed"]))
-    if max_concurrency is not None:
-        out.append("{:<40} {:<10}".format("Maximum request concurrency:", max_concurrency))
-    out.append("{:<40} {:<10.2f}".format("Benchmark duration (s):", m["duration"]))
-    out.append("{:<40} {:<10}".format("Total input tokens:", m["total_input_tokens"]))
-    out.append("{:<40} {:<10}".format("Total generated tokens:", m["total_output_tokens"]))
-    out.append("{:<40} {:<10.2f}".format("Request throughput (req/s):", m["request_throughput"]))
+    out.append(row("Successful requests:", m["completed"]))
+    if new:
+        out.append(row("Failed requests:", m["failed"]))
+        if max_concurrency is not None:
+            out.append(row("Maximum request concurrency:", max_concurrency))
+        if request_rate != float("inf"):
+            out.append(frow("Request rate configured (RPS):", request_rate))
+    out.append(frow("Benchmark duration (s):", m["duration"]))
+    out.append(row("Total input tokens:", m["total_input_tokens"]))
+    out.append(row("Total generated tokens:", m["total_output_tokens"]))
+    out.append(frow("Request throughput (req/s):", m["request_throughput"]))
     if "request_goodput" in m:
-        out.append("{:<40} {:<10.2f}".format("Request goodput (req/s):", m["request_goodput"]))
-    out.append("{:<40} {:<10.2f}".format("Output token throughput (tok/s):", m["output_throughput"]))
-    out.append("{:<40} {:<10.2f}".format("Total Token throughput (tok/s):", m["total_token_throughput"]))
+        out.append(frow("Request goodput (req/s):", m["request_goodput"]))
+    out.append(frow("Output token throughput (tok/s):", m["output_throughput"]))
+    if new:
+        out.append(frow("Peak output token throughput (tok/s):", m["max_output_tokens_per_s"]))
+        out.append(frow("Peak concurrent requests:", m["max_concurrent_requests"]))
+        out.append(frow("Total token throughput (tok/s):", m["total_token_throughput"]))
+    else:
+        out.append(frow("Total Token throughput (tok/s):", m["total_token_throughput"]))
     for name in res.percentile_metrics:
         title, short = METRIC_TITLES[name]
         out.append("{s:{c}^{n}}".format(s=title, n=50, c="-"))
-        out.append("{:<40} {:<10.2f}".format(f"Mean {short} (ms):", m[f"mean_{name}_ms"]))
-        out.append("{:<40} {:<10.2f}".format(f"Median {short} (ms):", m[f"median_{name}_ms"]))
+        out.append(frow(f"Mean {short} (ms):", m[f"mean_{name}_ms"]))
+        out.append(frow(f"Median {short} (ms):", m[f"median_{name}_ms"]))
         for p in res.percentiles:
             lab = _pct_label(p)
-            out.append("{:<40} {:<10.2f}".format(f"P{lab} {short} (ms):", m[f"p{lab}_{name}_ms"]))
+            out.append(frow(f"P{lab} {short} (ms):", m[f"p{lab}_{name}_ms"]))
     out.append("=" * 50)
     return "\n".join(out)
+
+
+def result_json(
+    res: BenchmarkResult,
+    client: str,
+    header: dict,
+    requests: list[Request] | None = None,
+) -> dict:
+    """The `--save-result` JSON with the client's key names and order.
+
+    `header` holds date, backend, model_id, tokenizer_id, num_prompts, request_rate,
+    burstiness and max_concurrency. Only the selected percentile metrics are written, as
+    in vLLM. With `requests`, the per-request lists of `--save-detailed` are added.
+    """
+    m = res.metrics
+    new = client != "vllm-legacy"
+    out = dict(header)
+    keys = ["duration", "completed"] + (["failed"] if new else []) + [
+        "total_input_tokens", "total_output_tokens", "request_throughput"]
+    out.update({k: m[k] for k in keys})
+    # benchmark_serving.py v0.7-v0.8 really wrote this key with a trailing colon
+    out["request_goodput" if new else "request_goodput:"] = m.get("request_goodput")
+    out["output_throughput"] = m["output_throughput"]
+    out["total_token_throughput"] = m["total_token_throughput"]
+    if new:
+        out["max_output_tokens_per_s"] = m["max_output_tokens_per_s"]
+        out["max_concurrent_requests"] = m["max_concurrent_requests"]
+    if requests is not None:
+        df = res.requests
+        ok = df["success"].to_numpy()
+        out["input_lens"] = df["prompt_len"].tolist()
+        out["output_lens"] = df["output_len"].tolist()
+        out["ttfts"] = [float(x) if s else 0.0 for x, s in zip(df["ttft_s"], ok)]
+        out["itls"] = [np.diff(r.token_times).tolist() if r.status is Status.FINISHED else [] for r in requests]
+        out["errors"] = df["error"].tolist()
+        if new:
+            out["start_times"] = df["start_s"].tolist()
+    for name in res.percentile_metrics:
+        for stat in ["mean", "median", "std"] + [f"p{_pct_label(p)}" for p in res.percentiles]:
+            out[f"{stat}_{name}_ms"] = m[f"{stat}_{name}_ms"]
+    return out

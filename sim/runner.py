@@ -26,7 +26,7 @@ class SimResult:
     max_batch_tokens: int
     max_batch_seqs: int
     peak_kv_blocks: int
-    max_concurrent_requests: int
+    max_in_flight: int  # most requests in flight at one instant
     steps: list | None = None
 
 
@@ -68,6 +68,6 @@ def simulate(sc: Scenario, record_steps: bool = False) -> SimResult:
         max_batch_tokens=engine.max_batch_tokens,
         max_batch_seqs=engine.max_batch_seqs,
         peak_kv_blocks=kv.peak_used,
-        max_concurrent_requests=client.max_in_flight,
+        max_in_flight=client.max_in_flight,
         steps=engine.steps,
     )

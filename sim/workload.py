@@ -74,7 +74,7 @@ def sample_sharegpt(df: pd.DataFrame, num_prompts: int, seed: int, fixed_output_
 
 
 def sample_random(
-    rs: np.random.RandomState,
+    rng: np.random.RandomState | np.random.Generator,
     num_prompts: int,
     input_len: int,
     output_len: int,
@@ -87,7 +87,8 @@ def sample_random(
     vLLM >= 0.8 (`RandomDataset`): input uniform on [floor(L(1-r)), ceil(L(1+r))], output on
     [max(floor(O(1-r)), 1), ceil(O(1+r))], r in [0, 1).
     Older `sample_random_requests`: input on [int(L·r), L], output on [int(O·r), O].
-    A shared prefix of `prefix_len` tokens is added to every prompt.
+    A shared prefix of `prefix_len` tokens is added to every prompt. Input lengths are
+    drawn for all requests, then output lengths, as both clients do.
     """
     if legacy:
         in_lo, in_hi = int(input_len * range_ratio), input_len
@@ -95,8 +96,9 @@ def sample_random(
     else:
         in_lo, in_hi = math.floor(input_len * (1 - range_ratio)), math.ceil(input_len * (1 + range_ratio))
         out_lo, out_hi = max(math.floor(output_len * (1 - range_ratio)), 1), math.ceil(output_len * (1 + range_ratio))
-    ins = rs.randint(in_lo, in_hi + 1, size=num_prompts)
-    outs = rs.randint(out_lo, out_hi + 1, size=num_prompts)
+    draw = rng.integers if isinstance(rng, np.random.Generator) else rng.randint
+    ins = draw(in_lo, in_hi + 1, size=num_prompts)
+    outs = draw(out_lo, out_hi + 1, size=num_prompts)
     return [Sample(prefix_len + int(i), int(o)) for i, o in zip(ins, outs)]
 
 
@@ -162,13 +164,16 @@ def arrival_times(
 def build_requests(w) -> list[Request]:
     """The request list of one benchmark run, from a validated `WorkloadConfig`."""
     legacy = w.client == "vllm-legacy"
+    # Both clients seed numpy's global generator with --seed and draw arrival gaps from it.
+    # The old client also draws random-dataset lengths from it; `vllm bench serve` uses
+    # its own np.random.default_rng(seed) for them.
     rs = np.random.RandomState(w.seed)
     times = None
     if w.dataset_name == "sharegpt":
         samples = sample_sharegpt(load_sharegpt_lengths(w.dataset_path), w.num_prompts, w.seed, w.sharegpt_output_len)
     elif w.dataset_name == "random":
         samples = sample_random(
-            rs, w.num_prompts, w.random_input_len, w.random_output_len,
+            rs if legacy else np.random.default_rng(w.seed), w.num_prompts, w.random_input_len, w.random_output_len,
             w.resolved_range_ratio, w.random_prefix_len, legacy,
         )
     else:

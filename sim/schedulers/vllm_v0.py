@@ -77,7 +77,7 @@ class VllmV0Scheduler(Scheduler):
 
         Returns False if `req` itself had to be preempted.
         """
-        while not self.kv.can_append_slot():
+        while not self.kv.can_append_slots(req):
             if queue:
                 self.preempt(queue.pop(), batch)  # the most recently admitted request
             else:

@@ -1,0 +1,46 @@
+"""Helpers shared by the tests: small engines and hand-made requests."""
+
+from __future__ import annotations
+
+import pytest
+
+from sim.config import EngineConfig, resolve_engine_defaults
+from sim.kv_cache import KVCache
+from sim.request import Request
+from sim.schedulers import make_scheduler
+
+
+def engine_cfg(**kw) -> EngineConfig:
+    kw.setdefault("max_model_len", 2048)
+    kw.setdefault("num_gpu_blocks_override", 1000)
+    return resolve_engine_defaults(EngineConfig(**kw))
+
+
+def make_sched(**kw):
+    cfg = engine_cfg(**kw)
+    watermark = 0.01 if cfg.scheduler == "vllm-v0" else 0.0
+    kv = KVCache(cfg.num_gpu_blocks, cfg.block_size, watermark)
+    return make_scheduler(cfg, kv)
+
+
+_rid = 0
+
+
+def req(prompt: int, out: int = 10) -> Request:
+    global _rid
+    _rid += 1
+    return Request(rid=_rid, prompt_len=prompt, max_tokens=out, arrival_s=0.0)
+
+
+def apply(batch) -> None:
+    """What the engine does after a step: advance computed tokens, emit tokens."""
+    for r, n in zip(batch.reqs, batch.num_new):
+        r.num_computed += n
+        if r.num_computed == r.num_tokens:
+            r.output_len += 1
+            r.token_times.append(0.0)
+
+
+@pytest.fixture
+def sched_factory():
+    return make_sched

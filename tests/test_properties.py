@@ -1,0 +1,131 @@
+"""Invariants on random scenarios: whatever the configuration, the simulation stays honest."""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sim.config import scenario_from_dict
+from sim.request import Status
+from sim.runner import simulate
+
+
+@contextmanager
+def wall_clock_guard(seconds: int):
+    """Fail a run that takes too long instead of hanging the suite."""
+
+    def _timeout(signum, frame):
+        raise TimeoutError(f"simulation ran longer than {seconds} s of wall time")
+
+    old = signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@st.composite
+def scenarios(draw):
+    scheduler = draw(st.sampled_from(["vllm-v0", "vllm-v1"]))
+    chunking = draw(st.booleans())
+    block_size = draw(st.sampled_from([1, 4, 16]))
+    max_model_len = draw(st.integers(8, 600))
+    max_num_seqs = draw(st.integers(1, 32))
+    budget_floor = max(max_num_seqs, 1 if chunking else max_model_len)
+    budget = draw(st.integers(budget_floor, budget_floor + 600))
+    # KV from "just the longest request" to roomy, so preemption happens often
+    kv_tokens = draw(st.integers(max_model_len, 4 * max_model_len))
+    num_blocks = -(-kv_tokens // block_size)
+    rate = draw(st.sampled_from(["inf", 5.0, 50.0]))
+    workload = {
+        "dataset_name": "random",
+        "client": draw(st.sampled_from(["vllm", "vllm-legacy"])),
+        "num_prompts": draw(st.integers(1, 40)),
+        # mostly requests that pass the front door, some that do not
+        "random_input_len": draw(st.integers(1, max(1, max_model_len * 2 // 3))),
+        "random_output_len": draw(st.integers(1, max(1, max_model_len // 2))),
+        "random_range_ratio": draw(st.sampled_from([0.0, 0.5, 0.9])),
+        "request_rate": rate,
+        "burstiness": draw(st.sampled_from([0.5, 1.0, 3.0])),
+        "seed": draw(st.integers(0, 1000)),
+    }
+    if draw(st.booleans()):
+        workload["max_concurrency"] = draw(st.integers(1, 8))
+    return {
+        "engine": {
+            "scheduler": scheduler,
+            "enable_chunked_prefill": chunking,
+            "block_size": block_size,
+            "max_model_len": max_model_len,
+            "max_num_seqs": max_num_seqs,
+            "max_num_batched_tokens": budget,
+            "num_gpu_blocks_override": num_blocks,
+        },
+        "workload": workload,
+        "step_time": {
+            "step_overhead_s": draw(st.sampled_from([1e-3, 1e-2])),
+            "per_prefill_token_s": 1e-4,
+            "per_decode_seq_s": 1e-4,
+            "per_decode_ctx_token_s": 1e-7,
+        },
+    }
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_invariants_hold_on_random_scenarios(data):
+    check_invariants(data)
+
+
+@pytest.mark.parametrize("scheduler,chunking", [("vllm-v0", False), ("vllm-v0", True), ("vllm-v1", True)])
+def test_invariants_hold_under_heavy_preemption(scheduler, chunking):
+    data = {
+        "engine": {"scheduler": scheduler, "enable_chunked_prefill": chunking, "max_model_len": 512,
+                   "max_num_batched_tokens": 512, "max_num_seqs": 64, "num_gpu_blocks_override": 40},
+        "workload": {"dataset_name": "random", "num_prompts": 200, "random_input_len": 100,
+                     "random_output_len": 200, "random_range_ratio": 0.5, "request_rate": 20.0},
+    }
+    res = check_invariants(data)
+    assert res.num_preemptions > 50
+
+
+def check_invariants(data):
+    sc = scenario_from_dict(data)
+    e = sc.engine
+    with wall_clock_guard(20):
+        res = simulate(sc, record_steps=True)
+
+    # every request ends completed or failed-with-reason; completed ones got exactly their tokens
+    for r in res.requests:
+        assert r.status in (Status.FINISHED, Status.FAILED)
+        if r.status is Status.FINISHED:
+            assert r.output_len == r.max_tokens == len(r.token_times)
+            assert all(a <= b for a, b in zip(r.token_times, r.token_times[1:]))
+            assert r.token_times[0] >= r.start_s >= r.arrival_s - 1e-9  # float sum of gaps
+        else:
+            assert r.error
+    assert res.bench.metrics["completed"] + res.bench.metrics["failed"] == len(res.requests)
+
+    # no step exceeds the token budget or max_num_seqs; KV never exceeds its capacity
+    assert res.max_batch_tokens <= e.max_num_batched_tokens
+    assert res.max_batch_seqs <= e.max_num_seqs
+    assert res.peak_kv_blocks <= e.num_gpu_blocks
+    for s in res.steps:
+        assert s.prefill_tokens + s.decode_seqs <= e.max_num_batched_tokens
+        assert s.kv_blocks_used <= e.num_gpu_blocks
+    # simulated time never decreases
+    starts = [s.t_start_s for s in res.steps]
+    assert all(a <= b for a, b in zip(starts, starts[1:]))
+    assert all(s.duration_s > 0 for s in res.steps)
+    # (the runner itself raises if any KV block is still in use at the end)
+
+    # the same seed gives the same report
+    again = simulate(sc)
+    assert again.bench.metrics == res.bench.metrics
+    return res
