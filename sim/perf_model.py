@@ -1,0 +1,323 @@
+"""A physically grounded step-time model: model spec + hardware spec + a few efficiencies.
+
+For a batch (see `BatchShape`) on one tensor-parallel group:
+
+    compute  = 2·active_params·tokens + 2·hidden·vocab·seqs (lm_head, last positions only)
+               + attention FLOPs per (query, key) pair · (prefill pairs + decode context)
+    memory   = weights read once per step (for MoE: the dense part plus the experts the
+               batch's tokens touch) + KV bytes the decodes read
+    comm     = two all-reduces of the activations per layer (ring, 2·(TP-1)/TP of the bytes)
+
+    step = step_overhead_s + per_seq_s·seqs
+           + max(compute / (peak FLOP/s · compute_efficiency),
+                 memory / (HBM bytes/s · memory_efficiency))
+           + comm / (link bytes/s · comm_efficiency)
+
+Every quantity is per device (tensor parallelism divides FLOPs and weights, and GQA KV;
+MLA's latent KV is replicated on every rank). The efficiencies are the fitted
+coefficients: fractions of the hardware peak, so a fit that needs 300 % of peak or 1 %
+of it is visibly wrong (`plausibility_warnings`).
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .step_time import BatchShape
+
+GIB = 1024**3
+
+# columns of a step-feature matrix (see `features`)
+SEQS, PREFILL_TOKENS, PREFILL_PAIRS, DECODE_SEQS, DECODE_CTX = range(5)
+
+
+def features(shapes: list[BatchShape]) -> np.ndarray:
+    """Stack batch shapes into an (n_steps, 5) float matrix for vectorised step times."""
+    return np.array(
+        [(s.num_seqs, s.prefill_tokens, s.prefill_attn_pairs, s.decode_seqs, s.decode_ctx_tokens) for s in shapes],
+        dtype=float,
+    ).reshape(-1, 5)
+
+
+# --- specs -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    weight_bits: int = 16
+    compute_dtype: str = "bf16"
+    kv_cache_bits: int = 16
+    quant_group_size: int = 0  # 0: no per-group scales
+    tie_word_embeddings: bool = False
+    v_head_dim: int = 0  # 0: same as head_dim
+    # MLA (DeepSeek): a latent of kv_lora_rank + qk_rope_head_dim is cached per token and layer
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    # MoE
+    num_experts: int = 0
+    experts_per_token: int = 0
+    shared_experts: int = 0
+    moe_intermediate_size: int = 0
+    first_dense_layers: int = 0
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def attention_params(self) -> int:
+        h, nh = self.hidden_size, self.num_attention_heads
+        if self.is_mla:
+            nope = self.head_dim - self.qk_rope_head_dim
+            vd = self.v_head_dim or self.head_dim
+            q = h * self.q_lora_rank + self.q_lora_rank * nh * self.head_dim if self.q_lora_rank else h * nh * self.head_dim
+            kv = h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank * nh * (nope + vd)
+            return q + kv + nh * vd * h
+        return h * nh * self.head_dim * 2 + h * self.num_kv_heads * self.head_dim * 2
+
+    def expert_params(self) -> int:
+        return 3 * self.hidden_size * self.moe_intermediate_size
+
+    def dense_mlp_params(self) -> int:
+        return 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_dense_layers if self.is_moe else 0
+
+    def layer_params_active(self) -> int:
+        """Linear-layer parameters one token multiplies through, summed over layers."""
+        dense_layers = self.num_layers - self.num_moe_layers
+        total = self.num_layers * self.attention_params() + dense_layers * self.dense_mlp_params()
+        if self.is_moe:
+            active_experts = self.experts_per_token + self.shared_experts
+            total += self.num_moe_layers * (active_experts * self.expert_params() + self.hidden_size * self.num_experts)
+        return total
+
+    def layer_params_total(self) -> int:
+        dense_layers = self.num_layers - self.num_moe_layers
+        total = self.num_layers * self.attention_params() + dense_layers * self.dense_mlp_params()
+        if self.is_moe:
+            total += self.num_moe_layers * (
+                (self.num_experts + self.shared_experts) * self.expert_params() + self.hidden_size * self.num_experts
+            )
+        return total
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+
+    @property
+    def bytes_per_weight(self) -> float:
+        b = self.weight_bits / 8
+        if self.quant_group_size:
+            b += 2 / self.quant_group_size  # one 16-bit scale per group
+        return b
+
+    def weight_bytes_total(self) -> float:
+        """Decoder weights in their quantized form plus 16-bit embeddings and lm_head."""
+        return self.layer_params_total() * self.bytes_per_weight + self.embedding_params * 2
+
+    def kv_bytes_per_token(self, tp: int) -> float:
+        """KV-cache bytes one token occupies on each device."""
+        b = self.kv_cache_bits / 8
+        if self.is_mla:
+            return self.num_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * b
+        heads_per_rank = max(1.0, self.num_kv_heads / tp)  # KV heads are replicated when TP > heads
+        return self.num_layers * heads_per_rank * self.head_dim * 2 * b
+
+    def attention_flops_per_pair(self) -> float:
+        """FLOPs of one (query token, key token) pair over all layers: QK^T plus PV."""
+        vd = self.v_head_dim or self.head_dim
+        return 2.0 * self.num_layers * self.num_attention_heads * (self.head_dim + vd)
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    name: str
+    memory_gib: float
+    hbm_bandwidth_gbps: float
+    peak_tflops: dict[str, float]
+    interconnect_gbps: float = 0.0
+
+    def peak_flops(self, dtype: str) -> float:
+        if dtype not in self.peak_tflops:
+            raise ValueError(f"hardware {self.name}: no peak FLOP/s for dtype {dtype!r} (has {sorted(self.peak_tflops)})")
+        return self.peak_tflops[dtype] * 1e12
+
+
+def _spec_path(kind: str, name: str) -> Path:
+    p = Path(name)
+    if p.suffix == ".toml" and p.exists():
+        return p
+    base = resources.files("sim") / "specs" / kind
+    cand = Path(str(base / f"{name}.toml"))
+    if not cand.exists():
+        known = sorted(q.name.removesuffix(".toml") for q in Path(str(base)).glob("*.toml"))
+        raise ValueError(f"unknown {kind[:-1]} spec {name!r}; known: {', '.join(known)}")
+    return cand
+
+
+def load_model_spec(name: str) -> ModelSpec:
+    data = tomllib.loads(_spec_path("models", name).read_text())
+    allowed = {f.name for f in fields(ModelSpec)}
+    unknown = set(data) - allowed
+    if unknown:
+        raise ValueError(f"model spec {name}: unknown key(s) {sorted(unknown)}")
+    return ModelSpec(**data)
+
+
+def load_hardware_spec(name: str) -> HardwareSpec:
+    data = tomllib.loads(_spec_path("hardware", name).read_text())
+    allowed = {f.name for f in fields(HardwareSpec)}
+    unknown = set(data) - allowed
+    if unknown:
+        raise ValueError(f"hardware spec {name}: unknown key(s) {sorted(unknown)}")
+    return HardwareSpec(**data)
+
+
+def kv_capacity_tokens(
+    model: ModelSpec, hw: HardwareSpec, tp: int, gpu_memory_utilization: float, reserve_gib: float
+) -> int:
+    """vLLM-style KV budget: memory x utilization - weights - a non-KV reserve (activations,
+    CUDA context, communication buffers), divided by the KV bytes of one token, per device."""
+    free = hw.memory_gib * GIB * gpu_memory_utilization - model.weight_bytes_total() / tp - reserve_gib * GIB
+    return max(0, int(free // model.kv_bytes_per_token(tp)))
+
+
+# --- the step-time model -------------------------------------------------------------------
+@dataclass(frozen=True)
+class RooflineCoefficients:
+    """The fitted numbers. Efficiencies are fractions of the hardware's peak."""
+
+    step_overhead_s: float = 0.01
+    per_seq_s: float = 0.0
+    compute_efficiency: float = 0.5
+    memory_efficiency: float = 0.7
+    comm_efficiency: float = 0.5
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+PLAUSIBLE = {
+    "step_overhead_s": (0.0, 0.3),
+    "per_seq_s": (0.0, 0.002),
+    "compute_efficiency": (0.05, 0.9),
+    "memory_efficiency": (0.2, 0.95),
+    "comm_efficiency": (0.05, 1.0),
+}
+
+
+@dataclass
+class RooflineStepTime:
+    model: ModelSpec
+    hardware: HardwareSpec
+    tp: int = 1
+    coeffs: RooflineCoefficients = field(default_factory=RooflineCoefficients)
+    calibrated: bool = False
+    source: str = "roofline with default efficiencies (uncalibrated)"
+
+    def __post_init__(self) -> None:
+        m, hw, tp = self.model, self.hardware, self.tp
+        if tp < 1:
+            raise ValueError("tp must be >= 1")
+        peak = hw.peak_flops(m.compute_dtype)
+        bw = hw.hbm_bandwidth_gbps * 1e9
+        # ideal seconds per unit, per device
+        self._s_per_token_flop = 2.0 * m.layer_params_active() / tp / peak
+        self._s_per_seq_flop = 2.0 * m.hidden_size * m.vocab_size / tp / peak
+        self._s_per_pair = m.attention_flops_per_pair() / tp / peak
+        self._s_static_mem = (m.weight_bytes_total() - self._expert_bytes_all()) / tp / bw
+        self._s_per_expert = m.num_moe_layers * m.expert_params() * m.bytes_per_weight / tp / bw
+        self._s_per_ctx_token = m.kv_bytes_per_token(tp) / bw
+        link = hw.interconnect_gbps * 1e9
+        if tp > 1 and link <= 0:
+            raise ValueError(f"hardware {hw.name}: tp={tp} needs interconnect_gbps")
+        self._s_comm_per_token = (
+            m.num_layers * 2 * m.hidden_size * 2 * 2 * (tp - 1) / tp / link if tp > 1 else 0.0
+        )
+
+    def _expert_bytes_all(self) -> float:
+        m = self.model
+        return m.num_moe_layers * m.num_experts * m.expert_params() * m.bytes_per_weight
+
+    def _experts_touched(self, tokens):
+        """Expected distinct routed experts per MoE layer for `tokens` tokens (uniform routing),
+        plus the shared experts, which every token uses."""
+        m = self.model
+        if not m.is_moe:
+            return 0.0 * tokens
+        e, k = m.num_experts, m.experts_per_token
+        return e * (1.0 - (1.0 - k / e) ** tokens) + m.shared_experts
+
+    # scalar path, called once per simulated step
+    def step_time(self, b: BatchShape) -> float:
+        c = self.coeffs
+        tokens = b.prefill_tokens + b.decode_seqs
+        t_compute = (
+            self._s_per_token_flop * tokens
+            + self._s_per_seq_flop * b.num_seqs
+            + self._s_per_pair * (b.prefill_attn_pairs + b.decode_ctx_tokens)
+        ) / c.compute_efficiency
+        t_memory = (
+            self._s_static_mem + self._s_per_expert * self._experts_touched(tokens) + self._s_per_ctx_token * b.decode_ctx_tokens
+        ) / c.memory_efficiency
+        t_comm = self._s_comm_per_token * tokens / c.comm_efficiency
+        return c.step_overhead_s + c.per_seq_s * b.num_seqs + max(t_compute, t_memory) + t_comm
+
+    # vectorised path for calibration (same arithmetic on columns)
+    def step_times(self, f: np.ndarray, coeffs: RooflineCoefficients | None = None) -> np.ndarray:
+        c = coeffs or self.coeffs
+        tokens = f[:, PREFILL_TOKENS] + f[:, DECODE_SEQS]
+        t_compute = (
+            self._s_per_token_flop * tokens
+            + self._s_per_seq_flop * f[:, SEQS]
+            + self._s_per_pair * (f[:, PREFILL_PAIRS] + f[:, DECODE_CTX])
+        ) / c.compute_efficiency
+        t_memory = (
+            self._s_static_mem + self._s_per_expert * self._experts_touched(tokens) + self._s_per_ctx_token * f[:, DECODE_CTX]
+        ) / c.memory_efficiency
+        t_comm = self._s_comm_per_token * tokens / c.comm_efficiency
+        return c.step_overhead_s + c.per_seq_s * f[:, SEQS] + np.maximum(t_compute, t_memory) + t_comm
+
+    def with_coeffs(self, coeffs: RooflineCoefficients) -> RooflineStepTime:
+        return RooflineStepTime(self.model, self.hardware, self.tp, coeffs, self.calibrated, self.source)
+
+    def implied(self) -> dict:
+        """What the coefficients claim about the hardware, for the fit report."""
+        hw, c, m = self.hardware, self.coeffs, self.model
+        return {
+            "achieved_tflops_per_device": hw.peak_flops(m.compute_dtype) * c.compute_efficiency / 1e12,
+            "peak_tflops_per_device": hw.peak_flops(m.compute_dtype) / 1e12,
+            "achieved_hbm_gbps": hw.hbm_bandwidth_gbps * c.memory_efficiency,
+            "peak_hbm_gbps": hw.hbm_bandwidth_gbps,
+        }
+
+    def plausibility_warnings(self) -> list[str]:
+        out = []
+        for name, (lo, hi) in PLAUSIBLE.items():
+            v = getattr(self.coeffs, name)
+            if not lo <= v <= hi:
+                out.append(f"{name} = {v:.4g} is outside its plausible range [{lo}, {hi}]")
+        return out
+
+
+def is_finite_positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
