@@ -36,7 +36,7 @@ def _result_json(res: SimResult, detailed: bool) -> dict:
         "simulated": True,
         "scenario": sc.name,
         "engine": sc.engine.model_dump(),
-        "step_time": sc.step_time.params().as_dict(),
+        "step_time": sc.step_time.build().describe(),
         "num_steps": res.num_steps,
         "num_preemptions": res.num_preemptions,
         "max_batch_tokens": res.max_batch_tokens,
@@ -64,9 +64,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"Scenario: {sc.name}  ({e.scheduler}, chunked prefill "
               f"{'on' if e.enable_chunked_prefill else 'off'}, max_num_batched_tokens "
               f"{e.max_num_batched_tokens}, max_num_seqs {e.max_num_seqs}, max_model_len {e.max_model_len})")
-        params = sc.step_time.params()
-        if not params.calibrated:
-            print(f"WARNING: step time uses {params.source}; latencies are illustrative, not predictions.")
+        model = sc.step_time.build()
+        if not model.calibrated:
+            print(f"WARNING: step time uses {model.source}; latencies are illustrative, not predictions.")
+        else:
+            print(f"Step time: {model.source}")
         w = sc.workload
         print(f"Traffic request rate: {'inf' if math.isinf(w.request_rate) else w.request_rate}")
         kind = "Poisson process" if w.burstiness == 1.0 else "Gamma distribution"

@@ -222,8 +222,21 @@ class ReportConfig(_Strict):
 
 
 class StepTimeConfig(_Strict):
+    """Either a calibrated `profile`, or `model` + `hardware` (+ efficiencies) for the roofline
+    model, or the linear model's coefficients (hand-set, uncalibrated)."""
+
+    profile: str | None = None
+    model: str | None = None
+    hardware: str | None = None
+    tp: int | None = Field(None, ge=1)
+    # roofline coefficients (override the profile's)
+    compute_efficiency: float | None = Field(None, gt=0)
+    memory_efficiency: float | None = Field(None, gt=0)
+    comm_efficiency: float | None = Field(None, gt=0)
+    # shared by both models
     step_overhead_s: float | None = None
     per_seq_s: float | None = None
+    # linear model only
     per_prefill_token_s: float | None = None
     per_decode_seq_s: float | None = None
     per_prefill_attn_pair_s: float | None = None
@@ -231,9 +244,48 @@ class StepTimeConfig(_Strict):
     calibrated: bool = False
     source: str | None = None
 
-    def params(self) -> StepTimeParams:
-        given = {k: v for k, v in self.model_dump().items() if v is not None}
-        return StepTimeParams(**given)
+    _ROOFLINE = ("compute_efficiency", "memory_efficiency", "comm_efficiency", "step_overhead_s", "per_seq_s")
+    _LINEAR_ONLY = ("per_prefill_token_s", "per_decode_seq_s", "per_prefill_attn_pair_s", "per_decode_ctx_token_s")
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        roofline = self.profile is not None or self.model is not None or self.hardware is not None
+        if roofline and any(getattr(self, k) is not None for k in self._LINEAR_ONLY):
+            raise ValueError(
+                "linear coefficients (per_prefill_token_s, ...) cannot be combined with profile/model/hardware"
+            )
+        if self.profile is None and (self.model is None) != (self.hardware is None):
+            raise ValueError("the roofline model needs both model and hardware (or a profile)")
+        return self
+
+    def build(self):
+        """The step-time model the engine calls."""
+        from .perf_model import RooflineCoefficients, RooflineStepTime, load_hardware_spec, load_model_spec
+        from .profile import load_profile
+
+        if self.profile is None and self.model is None:
+            given = {k: v for k, v in self.model_dump().items()
+                     if v is not None and k in StepTimeParams.__dataclass_fields__}
+            return StepTimeParams(**given)
+        coeff_over = {k: getattr(self, k) for k in self._ROOFLINE if getattr(self, k) is not None}
+        if self.profile is not None:
+            prof = load_profile(self.profile)
+            base = prof.step_model()
+            model = load_model_spec(self.model) if self.model else base.model
+            hw = load_hardware_spec(self.hardware) if self.hardware else base.hardware
+            coeffs = RooflineCoefficients(**{**prof.coeffs.as_dict(), **coeff_over})
+            return RooflineStepTime(model, hw, self.tp or prof.tp, coeffs, base.calibrated and not coeff_over,
+                                    base.source + (" with overrides" if coeff_over else ""))
+        return RooflineStepTime(load_model_spec(self.model), load_hardware_spec(self.hardware), self.tp or 1,
+                                RooflineCoefficients(**coeff_over), self.calibrated,
+                                self.source or "roofline with hand-set efficiencies (uncalibrated)")
+
+    def profile_kv_cache_tokens(self) -> int | None:
+        if self.profile is None:
+            return None
+        from .profile import load_profile
+
+        return load_profile(self.profile).kv_cache_tokens
 
 
 class Scenario(_Strict):
@@ -300,6 +352,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def scenario_from_dict(data: dict, origin: str = "scenario") -> Scenario:
+    data = _kv_from_profile(data, origin)
     try:
         sc = Scenario.model_validate(data)
     except ValidationError as exc:
@@ -309,10 +362,27 @@ def scenario_from_dict(data: dict, origin: str = "scenario") -> Scenario:
             lines.append(f"  {loc}: {err['msg']}")
         raise ScenarioError("\n".join(lines)) from None
     try:
-        sc.step_time.params()
+        sc.step_time.build()
+    except ValueError as exc:
+        raise ScenarioError(f"{origin}: step_time: {exc}") from None
+    return sc.model_copy(update={"engine": resolve_engine_defaults(sc.engine)})
+
+
+def _kv_from_profile(data: dict, origin: str) -> dict:
+    """A scenario that states no KV capacity takes the one its profile was fitted with."""
+    eng = data.get("engine")
+    st = data.get("step_time")
+    if not isinstance(eng, dict) or not isinstance(st, dict) or "profile" not in st:
+        return data
+    if "kv_cache_tokens" in eng or "num_gpu_blocks_override" in eng:
+        return data
+    try:
+        kv = StepTimeConfig(profile=st["profile"]).profile_kv_cache_tokens()
     except ValueError as exc:
         raise ScenarioError(f"{origin}: {exc}") from None
-    return sc.model_copy(update={"engine": resolve_engine_defaults(sc.engine)})
+    if kv is None:
+        return data
+    return {**data, "engine": {**eng, "kv_cache_tokens": kv}}
 
 
 def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:

@@ -19,7 +19,7 @@ import simpy
 
 from .request import Request, Status
 from .schedulers.base import Scheduler
-from .step_time import StepTimeParams, step_time_s
+from .step_time import StepTimeModel
 
 
 def front_door_error(req: Request, max_model_len: int) -> str:
@@ -60,14 +60,14 @@ class Engine:
         self,
         env: simpy.Environment,
         scheduler: Scheduler,
-        step_params: StepTimeParams,
+        step_model: StepTimeModel,
         max_model_len: int,
         on_done: Callable[[Request], None],
         record_steps: bool = False,
     ):
         self.env = env
         self.scheduler = scheduler
-        self.step_params = step_params
+        self.step_model = step_model
         self.max_model_len = max_model_len
         self.on_done = on_done
         self.steps: list[StepRecord] | None = [] if record_steps else None
@@ -116,7 +116,7 @@ class Engine:
                 continue
 
             shape = batch.shape
-            dt = step_time_s(self.step_params, shape)
+            dt = self.step_model.step_time(shape)
             t0 = env.now
             yield env.timeout(dt)
             now = env.now

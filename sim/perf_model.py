@@ -297,6 +297,10 @@ class RooflineStepTime:
         t_comm = self._s_comm_per_token * tokens / c.comm_efficiency
         return c.step_overhead_s + c.per_seq_s * f[:, SEQS] + np.maximum(t_compute, t_memory) + t_comm
 
+    def describe(self) -> dict:
+        return {"kind": "roofline", "model": self.model.name, "hardware": self.hardware.name, "tp": self.tp,
+                **self.coeffs.as_dict(), "calibrated": self.calibrated, "source": self.source}
+
     def with_coeffs(self, coeffs: RooflineCoefficients) -> RooflineStepTime:
         return RooflineStepTime(self.model, self.hardware, self.tp, coeffs, self.calibrated, self.source)
 

@@ -38,7 +38,7 @@ def simulate(sc: Scenario, record_steps: bool = False) -> SimResult:
     kv = KVCache(e.num_gpu_blocks, e.block_size, watermark=0.01 if e.scheduler == "vllm-v0" else 0.0)
     scheduler = make_scheduler(e, kv)
     client = BenchmarkClient(env, requests, w.max_concurrency)
-    engine = Engine(env, scheduler, sc.step_time.params(), e.max_model_len, client.on_done, record_steps)
+    engine = Engine(env, scheduler, sc.step_time.build(), e.max_model_len, client.on_done, record_steps)
     client.start(engine.submit)
 
     env.run(until=client.all_done | engine.process)

@@ -8,6 +8,7 @@ the coefficients against measured tables and the same function serves every engi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Protocol
 
 
 @dataclass(slots=True)
@@ -68,16 +69,37 @@ class StepTimeParams:
         if self.step_overhead_s <= 0 and self.per_prefill_token_s <= 0 and self.per_decode_seq_s <= 0:
             raise ValueError("step_time: every step would take 0 s; give a positive overhead or per-token cost")
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def describe(self) -> dict:
+        return {"kind": "linear", **asdict(self)}
+
+    def step_time(self, b: BatchShape) -> float:
+        return (
+            self.step_overhead_s
+            + self.per_seq_s * b.num_seqs
+            + self.per_prefill_token_s * b.prefill_tokens
+            + self.per_decode_seq_s * b.decode_seqs
+            + self.per_prefill_attn_pair_s * b.prefill_attn_pairs
+            + self.per_decode_ctx_token_s * b.decode_ctx_tokens
+        )
+
+    def step_times(self, f):
+        """Vectorised over a step-feature matrix (columns as in `sim.perf_model.features`)."""
+        return (
+            self.step_overhead_s
+            + self.per_seq_s * f[:, 0]
+            + self.per_prefill_token_s * f[:, 1]
+            + self.per_prefill_attn_pair_s * f[:, 2]
+            + self.per_decode_seq_s * f[:, 3]
+            + self.per_decode_ctx_token_s * f[:, 4]
+        )
 
 
-def step_time_s(p: StepTimeParams, b: BatchShape) -> float:
-    return (
-        p.step_overhead_s
-        + p.per_seq_s * b.num_seqs
-        + p.per_prefill_token_s * b.prefill_tokens
-        + p.per_decode_seq_s * b.decode_seqs
-        + p.per_prefill_attn_pair_s * b.prefill_attn_pairs
-        + p.per_decode_ctx_token_s * b.decode_ctx_tokens
-    )
+class StepTimeModel(Protocol):
+    """Anything the engine can ask how long a batch takes."""
+
+    calibrated: bool
+    source: str
+
+    def step_time(self, b: BatchShape) -> float: ...
+
+    def describe(self) -> dict: ...
