@@ -8,6 +8,7 @@ request completes or fails.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 import simpy
@@ -30,6 +31,10 @@ class BenchmarkClient:
         self.in_flight = 0
         self.max_in_flight = 0
         self.submit: Callable[[Request], None] | None = None
+        # Permits are fungible and granted first-come-first-served, so the k-th grant after the
+        # first max_concurrency uses the (k - max_concurrency)-th release. Recording which
+        # request that was lets calibration replay the run with other step times.
+        self._releases: deque[int] = deque()
 
     def start(self, submit: Callable[[Request], None]) -> None:
         self.submit = submit
@@ -40,12 +45,14 @@ class BenchmarkClient:
 
     def _dispatch(self):
         env = self.env
-        for req in self.requests:
+        for k, req in enumerate(self.requests):
             if req.arrival_s > env.now:
                 yield env.timeout(req.arrival_s - env.now)
             if self.permits is not None:
                 # asyncio.Semaphore wakes waiters in FIFO order, as this single loop does
                 yield self.permits.get(1)
+                if k >= self.permits.capacity:
+                    req.permit_from = self._releases.popleft()
             req.start_s = env.now
             self.in_flight += 1
             if self.in_flight > self.max_in_flight:
@@ -56,6 +63,7 @@ class BenchmarkClient:
         """The response stream ended (completed or failed)."""
         self.in_flight -= 1
         if self.permits is not None:
+            self._releases.append(req.rid)
             self.permits.put(1)
         self._left -= 1
         if self._left == 0:

@@ -19,7 +19,7 @@ import simpy
 
 from .request import Request, Status
 from .schedulers.base import Scheduler
-from .step_time import StepTimeModel
+from .step_time import BatchShape, StepTimeModel
 
 
 def front_door_error(req: Request, max_model_len: int) -> str:
@@ -45,14 +45,19 @@ class SimulationStuck(RuntimeError):
 
 @dataclass(slots=True)
 class StepRecord:
+    """One forward pass, as recorded with `record_steps=True` (tests, timelines, calibration)."""
+
     t_start_s: float
     duration_s: float
-    num_seqs: int
-    prefill_tokens: int
-    decode_seqs: int
+    shape: BatchShape
+    after_idle: bool  # the engine slept before this step: it started at an arrival
     num_preempted: int
     kv_blocks_used: int
     num_waiting: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.shape.prefill_tokens + self.shape.decode_seqs
 
 
 class Engine:
@@ -75,6 +80,7 @@ class Engine:
         self.max_batch_tokens = 0
         self.max_batch_seqs = 0
         self._wakeup: simpy.Event | None = None
+        self._after_idle = True
         self.process = env.process(self._run())
 
     # --- arrivals -----------------------------------------------------------------
@@ -113,6 +119,7 @@ class Engine:
                 self._wakeup = env.event()
                 yield self._wakeup  # idle until the next arrival
                 self._wakeup = None
+                self._after_idle = True
                 continue
 
             shape = batch.shape
@@ -121,16 +128,17 @@ class Engine:
             yield env.timeout(dt)
             now = env.now
             self.num_steps += 1
+            sched.steps_done = self.num_steps
             ntok = shape.prefill_tokens + shape.decode_seqs
             if ntok > self.max_batch_tokens:
                 self.max_batch_tokens = ntok
             if shape.num_seqs > self.max_batch_seqs:
                 self.max_batch_seqs = shape.num_seqs
             if self.steps is not None:
-                self.steps.append(
-                    StepRecord(t0, dt, shape.num_seqs, shape.prefill_tokens, shape.decode_seqs,
-                               len(batch.preempted), sched.kv.num_used, len(sched.waiting))
-                )
+                self.steps.append(StepRecord(t0, dt, shape, self._after_idle, len(batch.preempted),
+                                             sched.kv.num_used, len(sched.waiting)))
+            self._after_idle = False
+            step_index = self.num_steps - 1
 
             finished = []
             for req, n in zip(batch.reqs, batch.num_new):
@@ -139,6 +147,8 @@ class Engine:
                     # all KV present: the model samples one token, streamed to the client now
                     req.output_len += 1
                     req.token_times.append(now)
+                    if self.steps is not None:
+                        req.token_steps.append(step_index)
                     if req.output_len >= req.max_tokens:
                         req.status = Status.FINISHED
                         finished.append(req)

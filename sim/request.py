@@ -39,6 +39,10 @@ class Request:
     num_preemptions: int = 0
     token_times: list[float] = field(default_factory=list)
     error: str = ""
+    # recorded only with record_steps=True, for exact replay (calibration)
+    token_steps: list[int] = field(default_factory=list)  # engine step that emitted each token
+    permit_from: int = -1  # rid of the request whose completion freed this one's permit (-1: none)
+    end_step: int = -1  # for a request the scheduler rejected: engine steps completed by then
 
     @property
     def num_tokens(self) -> int:

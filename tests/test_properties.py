@@ -117,7 +117,8 @@ def check_invariants(data):
     assert res.max_batch_seqs <= e.max_num_seqs
     assert res.peak_kv_blocks <= e.num_gpu_blocks
     for s in res.steps:
-        assert s.prefill_tokens + s.decode_seqs <= e.max_num_batched_tokens
+        assert s.num_tokens <= e.max_num_batched_tokens
+        assert s.shape.num_seqs <= e.max_num_seqs
         assert s.kv_blocks_used <= e.num_gpu_blocks
     # simulated time never decreases
     starts = [s.t_start_s for s in res.steps]

@@ -45,6 +45,7 @@ class Scheduler:
         self.num_preemptions = 0
         # requests the scheduler rejected itself (e.g. can never fit): the engine reports them
         self.rejected: list[Request] = []
+        self.steps_done = 0  # kept up to date by the engine
 
     # --- queue plumbing ----------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -62,6 +63,7 @@ class Scheduler:
 
     def reject(self, req: Request, reason: str) -> None:
         req.status = Status.FAILED
+        req.end_step = self.steps_done
         req.error = reason
         self.kv.free(req)
         self.rejected.append(req)

@@ -1,0 +1,143 @@
+"""Re-time a recorded simulation with other step durations, without simulating again.
+
+Which requests share a step depends on the engine's state (queues, KV blocks), not on how
+long steps take, as long as no request's arrival falls between steps differently: that is
+the case when every request is sent at t=0 (rate inf) and when requests are released by
+the completion of others (max_concurrency). For those runs `replay` is exact, which makes
+a fit thousands of times cheaper: the simulator runs once per training row and the
+optimiser re-times the recorded steps. For timed arrivals (Poisson, traces) the engine
+may batch differently under other step times, so the fit re-simulates with its current
+estimate until the estimate stops moving (`calibration.fit`); every reported number comes
+from a full simulation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim.perf_model import features
+from sim.request import Status
+from sim.runner import SimResult
+
+
+@dataclass
+class Trace:
+    features: np.ndarray  # (n_steps, 5): see sim.perf_model.features
+    wake_s: np.ndarray  # (n_steps,): arrival time that started the step after idling, else -inf
+    recorded_dt: np.ndarray  # step durations of the recorded run
+    # requests, in dispatch order
+    arrival_s: np.ndarray
+    permit_from: np.ndarray  # index (dispatch order) of the request whose end freed the permit, or -1
+    finished: np.ndarray  # bool
+    end_step: np.ndarray  # scheduler rejections: steps completed at rejection, else -1
+    prompt_len: np.ndarray
+    output_len: np.ndarray
+    tok_step: np.ndarray  # flat: the step that emitted each token of each finished request
+    tok_ptr: np.ndarray  # request i's tokens are tok_step[tok_ptr[i]:tok_ptr[i+1]]
+    exact: bool  # no timed arrival after the first step: replay equals simulation
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.recorded_dt)
+
+
+def trace_from(res: SimResult) -> Trace:
+    if res.steps is None:
+        raise ValueError("simulate(..., record_steps=True) is needed to build a trace")
+    steps = res.steps
+    reqs = sorted(res.requests, key=lambda r: (r.arrival_s, r.rid))
+    pos = {r.rid: i for i, r in enumerate(reqs)}
+    lens = np.array([len(r.token_steps) if r.status is Status.FINISHED else 0 for r in reqs])
+    ptr = np.concatenate([[0], np.cumsum(lens)])
+    tok = np.fromiter((k for r in reqs if r.status is Status.FINISHED for k in r.token_steps), dtype=np.int64,
+                      count=int(ptr[-1]))
+    wake = np.array([s.t_start_s if s.after_idle else -np.inf for s in steps])
+    return Trace(
+        features=features([s.shape for s in steps]),
+        wake_s=wake,
+        recorded_dt=np.array([s.duration_s for s in steps]),
+        arrival_s=np.array([r.arrival_s for r in reqs]),
+        permit_from=np.array([pos[r.permit_from] if r.permit_from >= 0 else -1 for r in reqs], dtype=np.int64),
+        finished=np.array([r.status is Status.FINISHED for r in reqs]),
+        end_step=np.array([r.end_step for r in reqs], dtype=np.int64),
+        prompt_len=np.array([r.prompt_len for r in reqs]),
+        output_len=np.array([r.output_len if r.status is Status.FINISHED else 0 for r in reqs]),
+        tok_step=tok,
+        tok_ptr=ptr,
+        exact=bool(np.all(np.isneginf(wake[1:]))),
+    )
+
+
+def step_end_times(trace: Trace, dt: np.ndarray) -> np.ndarray:
+    """end[k] = max(end[k-1], wake[k]) + dt[k], vectorised via a running maximum."""
+    c = np.cumsum(dt)
+    before = np.concatenate([[0.0], c[:-1]])
+    return c + np.maximum.accumulate(trace.wake_s - before)
+
+
+def replay(trace: Trace, dt: np.ndarray, percentiles=(99,)) -> dict:
+    """vLLM's benchmark metrics for the recorded schedule with step durations `dt`."""
+    end = step_end_times(trace, dt)
+    n = len(trace.arrival_s)
+    fin = trace.finished
+    ptr = trace.tok_ptr
+    has_tok = ptr[1:] > ptr[:-1]
+    first = np.full(n, np.nan)
+    last = np.full(n, np.nan)
+    first[has_tok] = end[trace.tok_step[ptr[:-1][has_tok]]]
+    last[has_tok] = end[trace.tok_step[ptr[1:][has_tok] - 1]]
+
+    # request start: its arrival, unless it waited for a concurrency permit
+    if np.any(trace.permit_from >= 0):
+        start = np.empty(n)
+        finish = np.empty(n)
+        prev = -np.inf
+        for i in range(n):
+            s = max(trace.arrival_s[i], prev)
+            j = trace.permit_from[i]
+            if j >= 0:
+                s = max(s, finish[j])
+            start[i] = prev = s
+            finish[i] = _request_end(trace, i, s, last[i], end)
+    else:
+        start = trace.arrival_s.astype(float)
+        finish = np.array([_request_end(trace, i, start[i], last[i], end) for i in range(n)]) \
+            if not np.all(fin) else last
+
+    ttft = (first - start)[fin]
+    e2el = (last - start)[fin]
+    out = trace.output_len[fin]
+    multi = out > 1
+    tpot = (e2el[multi] - ttft[multi]) / (out[multi] - 1)
+    tok_t = end[trace.tok_step]
+    same_req = np.ones(len(tok_t), dtype=bool)
+    same_req[ptr[:-1][has_tok]] = False  # the first token of each request starts no gap
+    itl = np.diff(tok_t)[same_req[1:]] if len(tok_t) > 1 else np.empty(0)
+
+    duration = float(np.max(finish)) if n else 0.0
+    total_out = int(out.sum())
+    m = {
+        "duration": duration,
+        "completed": int(fin.sum()),
+        "total_input_tokens": int(trace.prompt_len[fin].sum()),
+        "total_output_tokens": total_out,
+        "request_throughput": fin.sum() / duration if duration > 0 else 0.0,
+        "output_throughput": total_out / duration if duration > 0 else 0.0,
+    }
+    for name, x in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2el)):
+        x = x * 1000
+        has = len(x) > 0
+        m[f"mean_{name}_ms"] = float(np.mean(x)) if has else 0.0
+        m[f"median_{name}_ms"] = float(np.median(x)) if has else 0.0
+        for p in percentiles:
+            m[f"p{p}_{name}_ms"] = float(np.percentile(x, p)) if has else 0.0
+    return m
+
+
+def _request_end(trace: Trace, i: int, start: float, last_token: float, end: np.ndarray) -> float:
+    if trace.finished[i]:
+        return last_token
+    k = trace.end_step[i]
+    return max(start, end[k - 1]) if k > 0 else start

@@ -1,0 +1,65 @@
+"""Replaying a recorded schedule with other step times equals simulating again (when exact)."""
+
+from __future__ import annotations
+
+import pytest
+
+from calibration.replay import replay, trace_from
+from sim.config import scenario_from_dict
+from sim.runner import simulate
+
+KEYS = ["duration", "completed", "total_output_tokens", "output_throughput", "mean_ttft_ms", "median_ttft_ms",
+        "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms",
+        "mean_e2el_ms"]
+
+
+def _sc(workload, step_time, **engine):
+    eng = {"scheduler": "vllm-v0", "enable_chunked_prefill": True, "max_model_len": 700,
+           "max_num_batched_tokens": 256, "max_num_seqs": 32, "num_gpu_blocks_override": 120, **engine}
+    wl = {"dataset_name": "random", "num_prompts": 120, "random_input_len": 300, "random_output_len": 120,
+          "random_range_ratio": 0.9, **workload}
+    return scenario_from_dict({"engine": eng, "workload": wl, "step_time": step_time})
+
+
+A = {"step_overhead_s": 0.01, "per_prefill_token_s": 2e-4, "per_decode_seq_s": 2e-4, "per_decode_ctx_token_s": 1e-7}
+B = {"step_overhead_s": 0.03, "per_prefill_token_s": 5e-4, "per_decode_seq_s": 1e-4, "per_decode_ctx_token_s": 4e-7}
+
+
+def _check(sc_a, sc_b):
+    rec = simulate(sc_a, record_steps=True)
+    tr = trace_from(rec)
+    assert tr.exact
+    same = replay(tr, tr.recorded_dt)
+    for k in KEYS:
+        assert same[k] == pytest.approx(rec.bench.metrics[k], rel=1e-9, abs=1e-9), k
+    truth = simulate(sc_b).bench.metrics
+    dt_b = sc_b.step_time.build().step_times(tr.features)
+    other = replay(tr, dt_b)
+    for k in KEYS:
+        assert other[k] == pytest.approx(truth[k], rel=1e-9, abs=1e-9), k
+
+
+@pytest.mark.parametrize("scheduler,chunking", [("vllm-v0", True), ("vllm-v0", False), ("vllm-v1", True)])
+def test_replay_is_exact_for_all_at_once_arrivals_with_preemption(scheduler, chunking):
+    eng = {"scheduler": scheduler, "enable_chunked_prefill": chunking}
+    if not chunking:
+        eng["max_num_batched_tokens"] = 700
+    wl = {"request_rate": "inf"}
+    _check(_sc(wl, A, **eng), _sc(wl, B, **eng))
+
+
+def test_replay_is_exact_for_closed_loop_concurrency_with_rejections():
+    wl = {"request_rate": "inf", "max_concurrency": 8, "random_input_len": 500}  # some exceed max_model_len
+    sc = _sc(wl, A)
+    assert simulate(sc).bench.metrics["failed"] > 0
+    _check(sc, _sc(wl, B))
+
+
+def test_replay_flags_timed_arrivals_as_approximate():
+    rec = simulate(_sc({"request_rate": 2.0, "num_prompts": 30}, A), record_steps=True)
+    tr = trace_from(rec)
+    assert not tr.exact
+    # still exact for the step times it was recorded with
+    m = replay(tr, tr.recorded_dt)
+    for k in KEYS:
+        assert m[k] == pytest.approx(rec.bench.metrics[k], rel=1e-9, abs=1e-9), k
