@@ -101,12 +101,13 @@ class Engine:
         env, sched = self.env, self.scheduler
         while True:
             batch = sched.schedule()
+            rejected = bool(sched.rejected)
             for req in sched.rejected:
                 self.on_done(req)
             sched.rejected.clear()
             if not batch.reqs:
-                if batch.preempted:
-                    continue  # everything was preempted; the next plan re-admits from waiting
+                if batch.preempted or rejected:
+                    continue  # the queues changed; the next plan may admit someone
                 if sched.has_work():
                     # running requests are always scheduled or preempted, so this means the
                     # waiting head can never be admitted and nothing will ever free memory

@@ -8,10 +8,16 @@ For a batch (see `BatchShape`) on one tensor-parallel group:
                batch's tokens touch) + KV bytes the decodes read
     comm     = two all-reduces of the activations per layer (ring, 2·(TP-1)/TP of the bytes)
 
-    step = step_overhead_s + per_seq_s·seqs
-           + max(compute / (peak FLOP/s · compute_efficiency),
-                 memory / (HBM bytes/s · memory_efficiency))
+    gpu  = max(compute / (peak FLOP/s · compute_efficiency),
+               memory / (HBM bytes/s · memory_efficiency))
            + comm / (link bytes/s · comm_efficiency)
+    step = step_overhead_s + per_seq_s·seqs + max(launch_overhead_s, gpu)
+
+`step_overhead_s` and `per_seq_s` are CPU work the GPU waits for (scheduling, sampling,
+detokenising: vLLM V0 does them between steps). `launch_overhead_s` is the time the CPU
+needs to launch one step's kernels: without CUDA graphs (`--enforce-eager`) it runs
+ahead of the GPU, so a step takes whichever is longer, not their sum; with CUDA graphs
+it is small.
 
 Every quantity is per device (tensor parallelism divides FLOPs and weights, and GQA KV;
 MLA's latent KV is replicated on every rank). The efficiencies are the fitted
@@ -208,6 +214,7 @@ class RooflineCoefficients:
 
     step_overhead_s: float = 0.01
     per_seq_s: float = 0.0
+    launch_overhead_s: float = 0.0
     compute_efficiency: float = 0.5
     memory_efficiency: float = 0.7
     comm_efficiency: float = 0.5
@@ -219,6 +226,7 @@ class RooflineCoefficients:
 PLAUSIBLE = {
     "step_overhead_s": (0.0, 0.3),
     "per_seq_s": (0.0, 0.002),
+    "launch_overhead_s": (0.0, 0.3),
     "compute_efficiency": (0.05, 0.9),
     "memory_efficiency": (0.2, 0.95),
     "comm_efficiency": (0.05, 1.0),
@@ -279,8 +287,8 @@ class RooflineStepTime:
         t_memory = (
             self._s_static_mem + self._s_per_expert * self._experts_touched(tokens) + self._s_per_ctx_token * b.decode_ctx_tokens
         ) / c.memory_efficiency
-        t_comm = self._s_comm_per_token * tokens / c.comm_efficiency
-        return c.step_overhead_s + c.per_seq_s * b.num_seqs + max(t_compute, t_memory) + t_comm
+        t_gpu = max(t_compute, t_memory) + self._s_comm_per_token * tokens / c.comm_efficiency
+        return c.step_overhead_s + c.per_seq_s * b.num_seqs + max(c.launch_overhead_s, t_gpu)
 
     # vectorised path for calibration (same arithmetic on columns)
     def step_times(self, f: np.ndarray, coeffs: RooflineCoefficients | None = None) -> np.ndarray:
@@ -294,8 +302,8 @@ class RooflineStepTime:
         t_memory = (
             self._s_static_mem + self._s_per_expert * self._experts_touched(tokens) + self._s_per_ctx_token * f[:, DECODE_CTX]
         ) / c.memory_efficiency
-        t_comm = self._s_comm_per_token * tokens / c.comm_efficiency
-        return c.step_overhead_s + c.per_seq_s * f[:, SEQS] + np.maximum(t_compute, t_memory) + t_comm
+        t_gpu = np.maximum(t_compute, t_memory) + self._s_comm_per_token * tokens / c.comm_efficiency
+        return c.step_overhead_s + c.per_seq_s * f[:, SEQS] + np.maximum(c.launch_overhead_s, t_gpu)
 
     def describe(self) -> dict:
         return {"kind": "roofline", "model": self.model.name, "hardware": self.hardware.name, "tp": self.tp,

@@ -17,6 +17,7 @@ from .perf_model import RooflineCoefficients, RooflineStepTime, load_hardware_sp
 UNITS = {
     "step_overhead_s": "s per step",
     "per_seq_s": "s per request in the batch",
+    "launch_overhead_s": "s of kernel launches per step, overlapping GPU work",
     "compute_efficiency": "fraction of the device's peak FLOP/s",
     "memory_efficiency": "fraction of the device's peak HBM bandwidth",
     "comm_efficiency": "fraction of the device's interconnect bandwidth",

@@ -247,3 +247,20 @@ def test_preempted_request_reprefills_prompt_and_generated_tokens():
     s.release_finished(rs[:-1])
     b = s.schedule()
     assert b.reqs == [victim] and b.num_new == [33]
+
+
+def test_request_that_preempts_itself_with_nothing_else_running_is_rejected_not_looped():
+    """A one-block pool: V0 counts a touched block for every running sequence, so a lone
+    request can never get its next slot. Real V0 would preempt and re-admit it forever; the
+    simulator rejects it with the reason instead."""
+    from sim.config import scenario_from_dict
+    from sim.runner import simulate
+
+    sc = scenario_from_dict({
+        "engine": {"scheduler": "vllm-v0", "enable_chunked_prefill": True, "max_model_len": 8,
+                   "max_num_seqs": 1, "max_num_batched_tokens": 1, "num_gpu_blocks_override": 1},
+        "workload": {"dataset_name": "random", "num_prompts": 1, "random_input_len": 1, "random_output_len": 3},
+    })
+    res = simulate(sc)
+    assert res.bench.metrics["failed"] == 1
+    assert "more KV blocks than the cache has" in res.requests[0].error

@@ -82,6 +82,20 @@ class Scheduler:
         self.num_preemptions += 1
         batch.preempted.append(req)
 
+    def preempt_self(self, req: Request, batch: Batch) -> None:
+        """`req` cannot get a slot even after every request behind it was preempted.
+
+        If it is also the only request holding KV, freeing and re-admitting it changes
+        nothing: it would be preempted again forever (real vLLM V0 livelocks here, e.g. a
+        one-block pool under its touched-block rule). The simulator never hangs, so such a
+        request is rejected instead, with the reason.
+        """
+        if self.kv.num_used == req.num_blocks:
+            self.reject(req, f"request needs more KV blocks than the cache has ({self.kv.num_blocks} blocks of "
+                             f"{self.kv.block_size} tokens) even with nothing else running")
+            return
+        self.preempt(req, batch)
+
     def schedule(self) -> Batch:
         """One step's batch. Preempted requests go back to the head of `waiting`.
 

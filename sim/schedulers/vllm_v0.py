@@ -81,7 +81,7 @@ class VllmV0Scheduler(Scheduler):
             if queue:
                 self.preempt(queue.pop(), batch)  # the most recently admitted request
             else:
-                self.preempt(req, batch)  # nothing left behind it: it preempts itself
+                self.preempt_self(req, batch)  # nothing left behind it
                 return False
         return True
 

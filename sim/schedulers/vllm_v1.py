@@ -42,10 +42,11 @@ class VllmV1Scheduler(Scheduler):
                 # preempt the newest admission; it is never one already scheduled, because
                 # the loop walks from the head and the victim comes off the tail
                 victim = self.running.pop()
-                self.preempt(victim, batch)
                 if victim is req:
+                    self.preempt_self(req, batch)
                     scheduled = False
                     break
+                self.preempt(victim, batch)
             if not scheduled:
                 break
             batch.add(req, n)
