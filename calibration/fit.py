@@ -163,9 +163,12 @@ class StepTimeFit:
             st = RooflineStepTime(load_model_spec(self.model), load_hardware_spec(hw), self.tp)
             for kv in kvs:
                 coeffs, loss = self._fit_one(cases, hw, st, kv, procs)
-                cand = {"hardware": hw, "kv_cache_tokens": kv, "loss": loss, **coeffs.as_dict()}
+                # candidates the data cannot tell apart are ranked by the plausibility prior
+                prior = float(np.sum(self._prior_residuals(coeffs) ** 2)) / max(1, self._n_data(cases))
+                cand = {"hardware": hw, "kv_cache_tokens": kv, "loss": loss, "objective": loss + prior,
+                        **coeffs.as_dict()}
                 self.candidates_.append(cand)
-                if best is None or loss < best["loss"]:
+                if best is None or cand["objective"] < best["objective"]:
                     best = {**cand, "coeffs": coeffs}
         self.coeffs_, self.hardware_, self.kv_cache_tokens_, self.loss_ = (
             best["coeffs"], best["hardware"], best["kv_cache_tokens"], best["loss"])
@@ -198,10 +201,21 @@ class StepTimeFit:
                 if m in case.measured and np.isfinite(case.measured[m]) and case.measured[m] > 0:
                     p = float(np.mean([pr[SIM_KEY[m]] for pr in preds]))
                     res.append(math.log(max(p, 1e-12) / case.measured[m]))
-        for name, typical in _PRIOR.items():
-            if with_prior and name in self._names():
-                res.append(_PRIOR_WEIGHT * math.log(getattr(coeffs, name) / typical))
+        if with_prior:
+            res.extend(self._prior_residuals(coeffs))
         return np.array(res)
+
+    def _prior_residuals(self, coeffs) -> np.ndarray:
+        return np.array([_PRIOR_WEIGHT * math.log(getattr(coeffs, n) / typical)
+                         for n, typical in _PRIOR.items() if n in self._names()])
+
+    def _n_data(self, cases) -> int:
+        return sum(1 for c in cases for m in self.metrics
+                   if m in c.measured and np.isfinite(c.measured[m]) and c.measured[m] > 0)
+
+    def indistinguishable(self, rel: float = 0.02) -> list[dict]:
+        """Candidates whose training loss is within `rel` of the best: the data cannot choose."""
+        return [c for c in self.candidates_ if c["loss"] <= self.loss_ * (1 + rel) + 1e-12]
 
     def _optimise(self, cases, st, traces):
         lo, hi = self._bounds()

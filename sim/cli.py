@@ -9,6 +9,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
 from .config import ScenarioError, load_scenario
 from .engine import SimulationStuck
 from .metrics import format_report, result_json
@@ -86,6 +88,65 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from calibration.splits import splits_dir
+    from calibration.validate import validate
+
+    names = args.splits or sorted(p.stem for p in splits_dir().glob("*.toml"))
+    failed = []
+    for name in names:
+        res = validate(name, processes=args.processes, progress=not args.no_progress,
+                       write_profile=not args.no_profile)
+        print(f"== {name}: fitted on {', '.join(res.split.train)}; hardware {res.fitter.hardware_}"
+              + (f", KV {res.fitter.kv_cache_tokens_} tokens" if res.fitter.kv_cache_tokens_ else "")
+              + f"; {res.seconds:.0f} s")
+        p = res.predictions
+        shown = p[p.metric.isin(list(res.split.metrics) + ["successful_requests"])]
+        print(shown.assign(set=np.where(shown.train, "fit", "predicted"))[
+            ["row_id", "set", "metric", "measured", "predicted", "ape_pct"]].to_string(index=False, float_format="%.2f"))
+        print(res.summary.to_string(index=False, float_format="%.1f"))
+        for f in res.failures:
+            print(f"MISSED: {f}")
+        failed += res.failures
+    return 1 if failed else 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from calibration.fit import RowCase, SIM_KEY, StepTimeFit
+    from calibration.rows import row_to_scenario
+    from calibration.tables import load_table
+    from sim.config import _read_toml
+    from sim.profile import profiles_dir
+
+    df = load_table(args.table)
+    if args.rows:
+        df = df.query(args.rows)
+    if df.empty:
+        raise ScenarioError(f"--rows {args.rows!r} selects no row of {args.table}")
+    base = _read_toml(Path(args.base))
+    base.pop("step_time", None)
+    cases = []
+    for i, row in df.iterrows():
+        measured = {m: float(row[m]) for m in SIM_KEY if m in row and not pd.isna(row[m])}
+        cases.append(RowCase(str(row.get("run_id", i)), measured, row_to_scenario(row, base)))
+    kv = tuple(int(x) for x in args.kv_bounds.split(",")) if args.kv_bounds else None
+    hw = args.hardware.split(",") if "," in args.hardware else args.hardware
+    fitter = StepTimeFit(model=args.model, hardware=hw, tp=args.tp, seeds=tuple(range(args.seeds)),
+                         kv_bounds=kv, processes=args.processes, progress=not args.no_progress)
+    fitter.fit(cases)
+    out = Path(args.out) if args.out.endswith(".toml") else profiles_dir() / f"{args.out}.toml"
+    prof = fitter.to_profile(out.stem, {"data_source": str(args.table), "rows_fitted": [c.row_id for c in cases],
+                                        "row_filter": args.rows or "all", "metrics_fitted": list(fitter.metrics)})
+    prof.save(out)
+    print(prof.to_toml())
+    for w in fitter.warnings():
+        print(f"WARNING: {w}")
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="servesim",
@@ -109,6 +170,40 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output-requests", metavar="PATH", help="write per-request results as CSV")
     r.add_argument("-q", "--quiet", action="store_true", help="print only the report")
     r.set_defaults(func=_cmd_run)
+
+    v = sub.add_parser(
+        "validate",
+        help="fit each split's training rows, predict the rest, report out-of-sample errors",
+        description="Fit the step-time model on each split's training rows (calibration/splits/NAME.toml), "
+                    "predict every other row by simulation, print measured vs predicted, write "
+                    "experiments/results/validation/NAME/ (report.md, predictions.csv, plots) and the "
+                    "profile. Exits 1 if a split misses a target.",
+    )
+    v.add_argument("splits", nargs="*", help="split names (default: all in calibration/splits)")
+    v.add_argument("--processes", type=int, help="simulation processes (default: all cores)")
+    v.add_argument("--no-profile", action="store_true", help="do not rewrite calibration/profiles/")
+    v.add_argument("--no-progress", action="store_true", help="no progress bars")
+    v.set_defaults(func=_cmd_validate)
+
+    c = sub.add_parser(
+        "calibrate",
+        help="fit a step-time profile to measured benchmark results",
+        description="Fit the roofline step-time model to measured rows: a tidy CSV, vLLM --save-result JSON "
+                    "files, sglang.bench_serving JSONL, or per-request results (a directory loads them all).",
+    )
+    c.add_argument("--table", required=True, help="measured results: file or directory")
+    c.add_argument("--rows", help="pandas query selecting the rows to fit, e.g. \"num_prompts <= 64\"")
+    c.add_argument("--model", required=True, help="model spec name (sim/specs/models) or a .toml path")
+    c.add_argument("--hardware", required=True, help="hardware spec name, or several comma-separated to choose from")
+    c.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    c.add_argument("--base", required=True, help="scenario TOML with what the table does not say "
+                                                 "(scheduler, version, KV capacity, client)")
+    c.add_argument("--kv-bounds", help="LO,HI: fit the KV capacity (tokens) within these bounds")
+    c.add_argument("--seeds", type=int, default=1, help="workload seeds averaged per row")
+    c.add_argument("--out", required=True, help="profile name (written to calibration/profiles/) or .toml path")
+    c.add_argument("--processes", type=int)
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=_cmd_calibrate)
     return p
 
 
@@ -116,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ScenarioError, WorkloadError, SimulationStuck) as exc:
+    except (ScenarioError, WorkloadError, SimulationStuck, ValueError) as exc:
         print(f"servesim: error: {exc}", file=sys.stderr)
         return 2
 
