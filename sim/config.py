@@ -154,6 +154,12 @@ class WorkloadConfig(_Strict):
     random_output_len: int = Field(128, ge=1)
     random_range_ratio: float | None = Field(None, ge=0)
     random_prefix_len: int = Field(0, ge=0)
+    # Without --ignore-eos (vLLM's default) a real model may stop before max_tokens. When a
+    # measured run reports a mean output length below the requested one, set it here: a share
+    # of requests stops early, at a uniformly drawn length, the rest run to their requested
+    # length, so that the expected mean matches. (An assumption about the shape; the mean and
+    # the maximum are what the measurement pins down.)
+    output_len_mean: float | None = Field(None, gt=0)
     # sharegpt
     dataset_path: str | None = None
     sharegpt_output_len: int | None = Field(None, ge=1)
@@ -174,6 +180,11 @@ class WorkloadConfig(_Strict):
             raise ValueError("random_range_ratio must be in [0, 1) for the vllm client")
         if self.client == "vllm-legacy" and self.random_range_ratio is not None and self.random_range_ratio > 1:
             raise ValueError("random_range_ratio must be in [0, 1] for the vllm-legacy client")
+        if self.output_len_mean is not None:
+            if self.ignore_eos:
+                raise ValueError("output_len_mean describes outputs ended by EOS; it contradicts ignore_eos = true")
+            if self.dataset_name != "random":
+                raise ValueError("output_len_mean applies to the random dataset")
         if self.num_prompts is None and self.dataset_name != "trace":
             self.num_prompts = 1000
         return self

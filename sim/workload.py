@@ -102,6 +102,24 @@ def sample_random(
     return [Sample(prefix_len + int(i), int(o)) for i, o in zip(ins, outs)]
 
 
+def stop_early_at_eos(samples: list[Sample], mean: float, rng: np.random.Generator) -> list[Sample]:
+    """Let a share q of requests stop at a uniform length in [1, L]; the rest generate L.
+
+    With L the requested length, the expected output is (1 - q)·L + q·(L + 1)/2, so
+    q = 2·(L - mean)/(L - 1) makes the mean come out right on average.
+    """
+    out = []
+    for s in samples:
+        L = s.output_len
+        if L <= 1 or mean >= L:
+            out.append(s)
+            continue
+        q = min(1.0, 2 * (L - mean) / (L - 1))
+        n = int(rng.integers(1, L + 1)) if rng.random() < q else L
+        out.append(Sample(s.prompt_len, n))
+    return out
+
+
 def load_trace(path: str, num_prompts: int | None, time_scale: float) -> tuple[list[Sample], np.ndarray]:
     """Azure-style trace: TIMESTAMP (datetime or seconds), ContextTokens, GeneratedTokens.
 
@@ -178,6 +196,8 @@ def build_requests(w) -> list[Request]:
         )
     else:
         samples, times = load_trace(w.trace_path, w.num_prompts, w.trace_time_scale)
+    if w.output_len_mean is not None:
+        samples = stop_early_at_eos(samples, w.output_len_mean, np.random.default_rng([w.seed, 1]))
     if times is None:
         times = arrival_times(rs, len(samples), w.request_rate, w.burstiness, legacy)
     return [Request(rid=i, prompt_len=s.prompt_len, max_tokens=s.output_len, arrival_s=float(t))
