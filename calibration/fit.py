@@ -87,7 +87,8 @@ def _bar(it, total, desc):
 # --- parameters <-> vector -------------------------------------------------------------------
 _LOG = {"step_overhead_s": (1e-4, 0.5), "compute_efficiency": (0.01, 1.5), "memory_efficiency": (0.05, 1.5),
         "comm_efficiency": (0.02, 1.5)}
-_LIN = {"per_seq_s": (0.0, 0.003), "launch_overhead_s": (0.0, 0.3)}
+_LIN = {"per_seq_s": (0.0, 0.003), "launch_overhead_s": (0.0, 0.3), "prefill_overhead_s": (0.0, 0.5),
+        "frontend_latency_s": (0.0, 0.5)}
 # Weak pulls toward typical values, so a coefficient the training rows cannot see (say, memory
 # efficiency when every step is compute-bound) stays plausible instead of drifting. Weight 0.02
 # on a log ratio: a factor-2 departure costs as much as a 1.4 % error on one metric.
@@ -117,7 +118,8 @@ class StepTimeFit:
     candidates_: list[dict] = field(default_factory=list)
 
     def _names(self) -> list[str]:
-        names = ["step_overhead_s", "per_seq_s", "launch_overhead_s", "compute_efficiency", "memory_efficiency"]
+        names = ["step_overhead_s", "per_seq_s", "launch_overhead_s", "prefill_overhead_s", "frontend_latency_s",
+                 "compute_efficiency", "memory_efficiency"]
         return names + (["comm_efficiency"] if self.tp > 1 else [])
 
     def _to_coeffs(self, x: np.ndarray) -> RooflineCoefficients:
@@ -196,7 +198,8 @@ class StepTimeFit:
         res = []
         ns = len(self.seeds)
         for i, case in enumerate(cases):
-            preds = [replay(t, st.step_times(t.features, coeffs)) for t in traces[i * ns:(i + 1) * ns]]
+            preds = [replay(t, st.step_times(t.features, coeffs), frontend_latency_s=coeffs.frontend_latency_s)
+                     for t in traces[i * ns:(i + 1) * ns]]
             for m in self.metrics:
                 if m in case.measured and np.isfinite(case.measured[m]) and case.measured[m] > 0:
                     p = float(np.mean([pr[SIM_KEY[m]] for pr in preds]))

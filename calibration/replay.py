@@ -37,6 +37,7 @@ class Trace:
     tok_step: np.ndarray  # flat: the step that emitted each token of each finished request
     tok_ptr: np.ndarray  # request i's tokens are tok_step[tok_ptr[i]:tok_ptr[i+1]]
     exact: bool  # no timed arrival after the first step: replay equals simulation
+    frontend_latency_s: float = 0.0  # of the recorded run: every wake-up is an arrival this late
 
     @property
     def num_steps(self) -> int:
@@ -54,6 +55,8 @@ def trace_from(res: SimResult) -> Trace:
     tok = np.fromiter((k for r in reqs if r.status is Status.FINISHED for k in r.token_steps), dtype=np.int64,
                       count=int(ptr[-1]))
     wake = np.array([s.t_start_s if s.after_idle else -np.inf for s in steps])
+    delay = getattr(res.scenario.step_time.build(), "frontend_latency_s", 0.0)
+    permit_waits = any(r.permit_from >= 0 for r in reqs)
     return Trace(
         features=features([s.shape for s in steps]),
         wake_s=wake,
@@ -66,20 +69,28 @@ def trace_from(res: SimResult) -> Trace:
         output_len=np.array([r.output_len if r.status is Status.FINISHED else 0 for r in reqs]),
         tok_step=tok,
         tok_ptr=ptr,
-        exact=bool(np.all(np.isneginf(wake[1:]))),
+        # a request released by a completion reaches the scheduler exactly at a step boundary only
+        # when the front end adds no latency; otherwise which step it joins depends on timing
+        exact=bool(np.all(np.isneginf(wake[1:]))) and not (delay > 0 and permit_waits),
+        frontend_latency_s=delay,
     )
 
 
-def step_end_times(trace: Trace, dt: np.ndarray) -> np.ndarray:
-    """end[k] = max(end[k-1], wake[k]) + dt[k], vectorised via a running maximum."""
+def step_end_times(trace: Trace, dt: np.ndarray, frontend_latency_s: float | None = None) -> np.ndarray:
+    """end[k] = max(end[k-1], wake[k]) + dt[k], vectorised via a running maximum.
+
+    Every wake-up is a request reaching the scheduler, so another front-end latency shifts
+    every wake time by the difference.
+    """
+    shift = 0.0 if frontend_latency_s is None else frontend_latency_s - trace.frontend_latency_s
     c = np.cumsum(dt)
     before = np.concatenate([[0.0], c[:-1]])
-    return c + np.maximum.accumulate(trace.wake_s - before)
+    return c + np.maximum.accumulate(trace.wake_s + shift - before)
 
 
-def replay(trace: Trace, dt: np.ndarray, percentiles=(99,)) -> dict:
+def replay(trace: Trace, dt: np.ndarray, percentiles=(99,), frontend_latency_s: float | None = None) -> dict:
     """vLLM's benchmark metrics for the recorded schedule with step durations `dt`."""
-    end = step_end_times(trace, dt)
+    end = step_end_times(trace, dt, frontend_latency_s)
     n = len(trace.arrival_s)
     fin = trace.finished
     ptr = trace.tok_ptr

@@ -242,6 +242,8 @@ class StepTimeConfig(_Strict):
     tp: int | None = Field(None, ge=1)
     # roofline coefficients (override the profile's)
     launch_overhead_s: float | None = Field(None, ge=0)
+    prefill_overhead_s: float | None = Field(None, ge=0)
+    frontend_latency_s: float | None = Field(None, ge=0)
     compute_efficiency: float | None = Field(None, gt=0)
     memory_efficiency: float | None = Field(None, gt=0)
     comm_efficiency: float | None = Field(None, gt=0)
@@ -256,7 +258,7 @@ class StepTimeConfig(_Strict):
     calibrated: bool = False
     source: str | None = None
 
-    _ROOFLINE = ("launch_overhead_s", "compute_efficiency", "memory_efficiency", "comm_efficiency", "step_overhead_s", "per_seq_s")
+    _ROOFLINE = ("launch_overhead_s", "prefill_overhead_s", "frontend_latency_s", "compute_efficiency", "memory_efficiency", "comm_efficiency", "step_overhead_s", "per_seq_s")
     _LINEAR_ONLY = ("per_prefill_token_s", "per_decode_seq_s", "per_prefill_attn_pair_s", "per_decode_ctx_token_s")
 
     @model_validator(mode="after")

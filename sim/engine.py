@@ -85,7 +85,15 @@ class Engine:
 
     # --- arrivals -----------------------------------------------------------------
     def submit(self, req: Request) -> None:
-        """The request reaches the server; the OpenAI front end may answer HTTP 400 at once."""
+        """The client sends a request; the scheduler sees it after the front end's latency."""
+        delay = getattr(self.step_model, "frontend_latency_s", 0.0)
+        if delay > 0:
+            self.env.timeout(delay).callbacks.append(lambda _event: self._arrive(req))
+        else:
+            self._arrive(req)
+
+    def _arrive(self, req: Request) -> None:
+        """The OpenAI front end answers HTTP 400 at once, or hands the request to the scheduler."""
         error = front_door_error(req, self.max_model_len)
         if error:
             req.status = Status.FAILED

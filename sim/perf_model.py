@@ -11,13 +11,19 @@ For a batch (see `BatchShape`) on one tensor-parallel group:
     gpu  = max(compute / (peak FLOP/s · compute_efficiency),
                memory / (HBM bytes/s · memory_efficiency))
            + comm / (link bytes/s · comm_efficiency)
-    step = step_overhead_s + per_seq_s·seqs + max(launch_overhead_s, gpu)
+    step = step_overhead_s + per_seq_s·seqs + prefill_overhead_s·[any prompt tokens]
+           + max(launch_overhead_s, gpu)
 
 `step_overhead_s` and `per_seq_s` are CPU work the GPU waits for (scheduling, sampling,
 detokenising: vLLM V0 does them between steps). `launch_overhead_s` is the time the CPU
 needs to launch one step's kernels: without CUDA graphs (`--enforce-eager`) it runs
 ahead of the GPU, so a step takes whichever is longer, not their sum; with CUDA graphs
-it is small.
+it is small. `prefill_overhead_s` is the extra fixed cost of a step that computes prompt
+tokens (prefill attention metadata, the eager prefill path when only decodes have CUDA
+graphs); it is what makes a 128-token prefill cost more than a decode step. `frontend_latency_s`
+is not a step cost: it is the time from the client sending a request to the scheduler
+seeing it (HTTP, tokenisation, the API server's hop to the engine process), which every
+TTFT contains and no token gap does.
 
 Every quantity is per device (tensor parallelism divides FLOPs and weights, and GQA KV;
 MLA's latent KV is replicated on every rank). The efficiencies are the fitted
@@ -215,6 +221,8 @@ class RooflineCoefficients:
     step_overhead_s: float = 0.01
     per_seq_s: float = 0.0
     launch_overhead_s: float = 0.0
+    prefill_overhead_s: float = 0.0
+    frontend_latency_s: float = 0.0
     compute_efficiency: float = 0.5
     memory_efficiency: float = 0.7
     comm_efficiency: float = 0.5
@@ -227,6 +235,8 @@ PLAUSIBLE = {
     "step_overhead_s": (0.0, 0.3),
     "per_seq_s": (0.0, 0.002),
     "launch_overhead_s": (0.0, 0.3),
+    "prefill_overhead_s": (0.0, 0.5),
+    "frontend_latency_s": (0.0, 0.5),
     "compute_efficiency": (0.05, 0.9),
     "memory_efficiency": (0.2, 0.95),
     "comm_efficiency": (0.05, 1.0),
@@ -288,7 +298,8 @@ class RooflineStepTime:
             self._s_static_mem + self._s_per_expert * self._experts_touched(tokens) + self._s_per_ctx_token * b.decode_ctx_tokens
         ) / c.memory_efficiency
         t_gpu = max(t_compute, t_memory) + self._s_comm_per_token * tokens / c.comm_efficiency
-        return c.step_overhead_s + c.per_seq_s * b.num_seqs + max(c.launch_overhead_s, t_gpu)
+        prefill = c.prefill_overhead_s if b.prefill_tokens else 0.0
+        return c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill + max(c.launch_overhead_s, t_gpu)
 
     # vectorised path for calibration (same arithmetic on columns)
     def step_times(self, f: np.ndarray, coeffs: RooflineCoefficients | None = None) -> np.ndarray:
@@ -303,7 +314,12 @@ class RooflineStepTime:
             self._s_static_mem + self._s_per_expert * self._experts_touched(tokens) + self._s_per_ctx_token * f[:, DECODE_CTX]
         ) / c.memory_efficiency
         t_gpu = np.maximum(t_compute, t_memory) + self._s_comm_per_token * tokens / c.comm_efficiency
-        return c.step_overhead_s + c.per_seq_s * f[:, SEQS] + np.maximum(c.launch_overhead_s, t_gpu)
+        prefill = c.prefill_overhead_s * (f[:, PREFILL_TOKENS] > 0)
+        return c.step_overhead_s + c.per_seq_s * f[:, SEQS] + prefill + np.maximum(c.launch_overhead_s, t_gpu)
+
+    @property
+    def frontend_latency_s(self) -> float:
+        return self.coeffs.frontend_latency_s
 
     def describe(self) -> dict:
         return {"kind": "roofline", "model": self.model.name, "hardware": self.hardware.name, "tp": self.tp,

@@ -18,6 +18,8 @@ UNITS = {
     "step_overhead_s": "s per step",
     "per_seq_s": "s per request in the batch",
     "launch_overhead_s": "s of kernel launches per step, overlapping GPU work",
+    "prefill_overhead_s": "s extra for a step that computes prompt tokens",
+    "frontend_latency_s": "s from the client sending a request to the scheduler seeing it",
     "compute_efficiency": "fraction of the device's peak FLOP/s",
     "memory_efficiency": "fraction of the device's peak HBM bandwidth",
     "comm_efficiency": "fraction of the device's interconnect bandwidth",

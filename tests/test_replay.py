@@ -63,3 +63,20 @@ def test_replay_flags_timed_arrivals_as_approximate():
     m = replay(tr, tr.recorded_dt)
     for k in KEYS:
         assert m[k] == pytest.approx(rec.bench.metrics[k], rel=1e-9, abs=1e-9), k
+
+
+def test_replay_is_exact_when_the_front_end_latency_changes():
+    roof = {"model": "qwen2.5-72b-instruct-gptq-int4", "hardware": "a100-80g"}
+    wl = {"request_rate": "inf"}
+    sc_a = _sc(wl, {**roof, "frontend_latency_s": 0.05})
+    sc_b = _sc(wl, {**roof, "frontend_latency_s": 0.2, "compute_efficiency": 0.3})
+    rec = simulate(sc_a, record_steps=True)
+    tr = trace_from(rec)
+    assert tr.exact
+    assert not trace_from(simulate(_sc({**wl, "max_concurrency": 16}, {**roof, "frontend_latency_s": 0.05}),
+                                   record_steps=True)).exact
+    st_b = sc_b.step_time.build()
+    other = replay(tr, st_b.step_times(tr.features), frontend_latency_s=0.2)
+    truth = simulate(sc_b).bench.metrics
+    for k in KEYS:
+        assert other[k] == pytest.approx(truth[k], rel=1e-9, abs=1e-9), k
