@@ -38,6 +38,21 @@ class Trace:
     tok_ptr: np.ndarray  # request i's tokens are tok_step[tok_ptr[i]:tok_ptr[i+1]]
     exact: bool  # no timed arrival after the first step: replay equals simulation
     frontend_latency_s: float = 0.0  # of the recorded run: every wake-up is an arrival this late
+    # Inter-token gaps as (step before, step after, how many tokens): most gaps are shared by
+    # every request decoding in the same two steps, so this is a few thousand rows instead of
+    # one per token, and the ITL statistics are computed on it with counts as weights.
+    gap_from: np.ndarray | None = None
+    gap_to: np.ndarray | None = None
+    gap_count: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.gap_from is None:
+            ptr, tok = self.tok_ptr, self.tok_step
+            inside = np.ones(len(tok), dtype=bool)
+            inside[ptr[:-1][ptr[1:] > ptr[:-1]]] = False  # a request's first token opens no gap
+            pairs = np.stack([tok[:-1], tok[1:]], axis=1)[inside[1:]] if len(tok) > 1 else np.empty((0, 2), int)
+            uniq, counts = np.unique(pairs, axis=0, return_counts=True)
+            self.gap_from, self.gap_to, self.gap_count = uniq[:, 0], uniq[:, 1], counts
 
     @property
     def num_steps(self) -> int:
@@ -94,7 +109,7 @@ def replay(trace: Trace, dt: np.ndarray, percentiles=(99,), frontend_latency_s: 
     n = len(trace.arrival_s)
     fin = trace.finished
     ptr = trace.tok_ptr
-    has_tok = ptr[1:] > ptr[:-1]
+    has_tok = ptr[1:] > ptr[:-1]  # finished requests
     first = np.full(n, np.nan)
     last = np.full(n, np.nan)
     first[has_tok] = end[trace.tok_step[ptr[:-1][has_tok]]]
@@ -122,10 +137,7 @@ def replay(trace: Trace, dt: np.ndarray, percentiles=(99,), frontend_latency_s: 
     out = trace.output_len[fin]
     multi = out > 1
     tpot = (e2el[multi] - ttft[multi]) / (out[multi] - 1)
-    tok_t = end[trace.tok_step]
-    same_req = np.ones(len(tok_t), dtype=bool)
-    same_req[ptr[:-1][has_tok]] = False  # the first token of each request starts no gap
-    itl = np.diff(tok_t)[same_req[1:]] if len(tok_t) > 1 else np.empty(0)
+    gaps = end[trace.gap_to] - end[trace.gap_from]
 
     duration = float(np.max(finish)) if n else 0.0
     total_out = int(out.sum())
@@ -137,14 +149,28 @@ def replay(trace: Trace, dt: np.ndarray, percentiles=(99,), frontend_latency_s: 
         "request_throughput": fin.sum() / duration if duration > 0 else 0.0,
         "output_throughput": total_out / duration if duration > 0 else 0.0,
     }
-    for name, x in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2el)):
+    for name, x, w in (("ttft", ttft, None), ("tpot", tpot, None), ("itl", gaps, trace.gap_count),
+                       ("e2el", e2el, None)):
         x = x * 1000
+        if w is None:
+            w = np.ones(len(x), dtype=np.int64)
         has = len(x) > 0
-        m[f"mean_{name}_ms"] = float(np.mean(x)) if has else 0.0
-        m[f"median_{name}_ms"] = float(np.median(x)) if has else 0.0
+        m[f"mean_{name}_ms"] = float(np.dot(x, w) / w.sum()) if has else 0.0
+        m[f"median_{name}_ms"] = weighted_percentile(x, w, 50) if has else 0.0
         for p in percentiles:
-            m[f"p{p}_{name}_ms"] = float(np.percentile(x, p)) if has else 0.0
+            m[f"p{p}_{name}_ms"] = weighted_percentile(x, w, p) if has else 0.0
     return m
+
+
+def weighted_percentile(x: np.ndarray, counts: np.ndarray, p: float) -> float:
+    """numpy's default (linear) percentile of `x` with each value repeated `counts` times."""
+    order = np.argsort(x, kind="stable")
+    xs, cum = x[order], np.cumsum(counts[order])
+    pos = (cum[-1] - 1) * p / 100.0
+    lo = int(np.floor(pos))
+    i_lo = int(np.searchsorted(cum, lo + 1))
+    i_hi = int(np.searchsorted(cum, min(lo + 2, cum[-1])))
+    return float(xs[i_lo] + (pos - lo) * (xs[i_hi] - xs[i_lo]))
 
 
 def _request_end(trace: Trace, i: int, start: float, last_token: float, end: np.ndarray) -> float:

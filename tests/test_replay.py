@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from calibration.replay import replay, trace_from
@@ -80,3 +81,15 @@ def test_replay_is_exact_when_the_front_end_latency_changes():
     truth = simulate(sc_b).bench.metrics
     for k in KEYS:
         assert other[k] == pytest.approx(truth[k], rel=1e-9, abs=1e-9), k
+
+
+def test_weighted_percentile_equals_numpy_on_the_expanded_data():
+    from calibration.replay import weighted_percentile
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        x = rng.normal(size=rng.integers(1, 30))
+        c = rng.integers(1, 6, size=len(x))
+        full = np.repeat(x, c)
+        for p in (0, 1, 50, 90, 99, 99.9, 100):
+            assert weighted_percentile(x, c, p) == pytest.approx(np.percentile(full, p), abs=1e-12)
