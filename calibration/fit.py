@@ -94,6 +94,10 @@ _LIN = {"per_seq_s": (0.0, 0.003), "launch_overhead_s": (0.0, 0.3), "prefill_ove
 # on a log ratio: a factor-2 departure costs as much as a 1.4 % error on one metric.
 _PRIOR = {"compute_efficiency": 0.4, "memory_efficiency": 0.7, "comm_efficiency": 0.5}
 _PRIOR_WEIGHT = 0.02
+# Candidates within this relative objective of each other are ties; the first one wins. KV
+# capacities are tried from small to large, so a tie keeps the smallest capacity that explains
+# the training rows: capacity beyond what they ever fill cannot be seen in them.
+_TIE = 0.005
 
 
 @dataclass
@@ -170,7 +174,7 @@ class StepTimeFit:
                 cand = {"hardware": hw, "kv_cache_tokens": kv, "loss": loss, "objective": loss + prior,
                         **coeffs.as_dict()}
                 self.candidates_.append(cand)
-                if best is None or cand["objective"] < best["objective"]:
+                if best is None or cand["objective"] < best["objective"] * (1 - _TIE):
                     best = {**cand, "coeffs": coeffs}
         self.coeffs_, self.hardware_, self.kv_cache_tokens_, self.loss_ = (
             best["coeffs"], best["hardware"], best["kv_cache_tokens"], best["loss"])

@@ -87,7 +87,9 @@ def resolve_engine_defaults(e: EngineConfig) -> EngineConfig:
                 budget = 2048 if v >= (0, 6, 5) else 512
         seqs = e.max_num_seqs if e.max_num_seqs is not None else 256
     else:
-        if chunking is None:
+        if chunking is None or v < (0, 9):
+            # V1 always chunks: 0.8.x's `_set_default_args_v1` sets enable_chunked_prefill = True
+            # whatever the flag said (checked in the 0.8.2 source); later V1 honours "false".
             chunking = True
         big_gpu = _v1_big_gpu(e, v)
         budget = e.max_num_batched_tokens

@@ -123,3 +123,13 @@ def test_step_time_rejects_negative_coefficient(tmp_path):
     p.write_text("[engine]\nmax_model_len = 100\nkv_cache_tokens = 1600\n[step_time]\nper_prefill_token_s = -1\n")
     with pytest.raises(ScenarioError, match="per_prefill_token_s must be a number >= 0"):
         load_scenario(p)
+
+
+def test_v1_before_0_9_ignores_chunked_prefill_false():
+    """vLLM 0.8.x V1 forces chunked prefill on (the flag is silently overridden)."""
+    old = engine_cfg(scheduler="vllm-v1", version="0.8.2", enable_chunked_prefill=False,
+                     max_num_batched_tokens=1024, max_model_len=4096, num_gpu_blocks_override=1000)
+    assert old.enable_chunked_prefill
+    new = engine_cfg(scheduler="vllm-v1", version="0.10.2", enable_chunked_prefill=False,
+                     max_num_batched_tokens=4096, max_model_len=4096, num_gpu_blocks_override=1000)
+    assert not new.enable_chunked_prefill
