@@ -186,22 +186,20 @@ def _spec_path(kind: str, name: str) -> Path:
     return cand
 
 
-def load_model_spec(name: str) -> ModelSpec:
-    data = tomllib.loads(_spec_path("models", name).read_text())
-    allowed = {f.name for f in fields(ModelSpec)}
-    unknown = set(data) - allowed
+def _load_spec(kind: str, name: str, cls):
+    data = tomllib.loads(_spec_path(kind, name).read_text())
+    unknown = set(data) - {f.name for f in fields(cls)}
     if unknown:
-        raise ValueError(f"model spec {name}: unknown key(s) {sorted(unknown)}")
-    return ModelSpec(**data)
+        raise ValueError(f"{kind[:-1]} spec {name}: unknown key(s) {sorted(unknown)}")
+    return cls(**data)
+
+
+def load_model_spec(name: str) -> ModelSpec:
+    return _load_spec("models", name, ModelSpec)
 
 
 def load_hardware_spec(name: str) -> HardwareSpec:
-    data = tomllib.loads(_spec_path("hardware", name).read_text())
-    allowed = {f.name for f in fields(HardwareSpec)}
-    unknown = set(data) - allowed
-    if unknown:
-        raise ValueError(f"hardware spec {name}: unknown key(s) {sorted(unknown)}")
-    return HardwareSpec(**data)
+    return _load_spec("hardware", name, HardwareSpec)
 
 
 def kv_capacity_tokens(
