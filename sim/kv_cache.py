@@ -25,7 +25,7 @@ class KVCacheError(RuntimeError):
 
 
 class KVCache:
-    def __init__(self, num_blocks: int, block_size: int, watermark: float = 0.0):
+    def __init__(self, num_blocks: int, block_size: int, watermark: float = 0.0, preallocate_tokens: int = 0):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("KV cache needs a positive number of blocks and block size")
         self.num_blocks = num_blocks
@@ -34,6 +34,9 @@ class KVCache:
         self.watermark_blocks = int(watermark * num_blocks)
         self.num_free = num_blocks
         self.peak_used = 0
+        # vLLM V1 up to 0.8.x (`num_preallocate_tokens=64`): whenever a request needs new blocks
+        # it takes this many tokens' worth more, if free, to allocate less often
+        self.preallocate_blocks = -(-preallocate_tokens // block_size)
 
     @property
     def num_used(self) -> int:
@@ -80,6 +83,7 @@ class KVCache:
             return True
         if need > self.num_free:
             return False
+        need = min(need + self.preallocate_blocks, self.num_free)
         self.num_free -= need
         req.num_blocks += need
         used = self.num_blocks - self.num_free

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import simpy
 
 from .client import BenchmarkClient
-from .config import Scenario
+from .config import Scenario, _version_tuple
 from .engine import Engine, SimulationStuck
 from .kv_cache import KVCache
 from .metrics import BenchmarkResult, calculate_metrics
@@ -30,12 +30,20 @@ class SimResult:
     steps: list | None = None
 
 
+def make_kv_cache(e) -> KVCache:
+    """V0's block manager keeps a 1 % watermark at admission; V1 has none, and until 0.8.x it
+    preallocated 64 tokens of blocks whenever a request grew (removed in later versions)."""
+    if e.scheduler == "vllm-v0":
+        return KVCache(e.num_gpu_blocks, e.block_size, watermark=0.01)
+    prealloc = 64 if _version_tuple(e.version) < (0, 9) else 0
+    return KVCache(e.num_gpu_blocks, e.block_size, preallocate_tokens=prealloc)
+
+
 def simulate(sc: Scenario, record_steps: bool = False) -> SimResult:
     e, w = sc.engine, sc.workload
     env = simpy.Environment()
     requests = build_requests(w)
-    # V0's block manager keeps a 1 % watermark at admission; V1 has none
-    kv = KVCache(e.num_gpu_blocks, e.block_size, watermark=0.01 if e.scheduler == "vllm-v0" else 0.0)
+    kv = make_kv_cache(e)
     scheduler = make_scheduler(e, kv)
     client = BenchmarkClient(env, requests, w.max_concurrency)
     engine = Engine(env, scheduler, sc.step_time.build(), e.max_model_len, client.on_done, record_steps)

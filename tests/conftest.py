@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from sim.config import EngineConfig, resolve_engine_defaults
-from sim.kv_cache import KVCache
 from sim.request import Request
+from sim.runner import make_kv_cache
 from sim.schedulers import make_scheduler
 
 
@@ -18,9 +18,7 @@ def engine_cfg(**kw) -> EngineConfig:
 
 def make_sched(**kw):
     cfg = engine_cfg(**kw)
-    watermark = 0.01 if cfg.scheduler == "vllm-v0" else 0.0
-    kv = KVCache(cfg.num_gpu_blocks, cfg.block_size, watermark)
-    return make_scheduler(cfg, kv)
+    return make_scheduler(cfg, make_kv_cache(cfg))
 
 
 _rid = 0

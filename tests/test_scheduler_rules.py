@@ -180,6 +180,19 @@ def test_v1_running_request_with_nothing_to_compute_is_skipped_not_a_stop():
     assert b.num_new == [16]  # long_prefill_token_threshold caps the chunk
 
 
+def test_v1_before_0_9_preallocates_64_tokens_of_blocks_when_a_request_grows():
+    s = make_sched(scheduler="vllm-v1", version="0.8.2", max_num_batched_tokens=512, max_num_seqs=8)
+    r = req(100)
+    s.add(r)
+    s.schedule()
+    assert r.num_blocks == 7 + 4  # ceil(100/16) + 64/16 preallocated
+    s2 = make_sched(scheduler="vllm-v1", version="0.10.0", max_num_batched_tokens=512, max_num_seqs=8)
+    r2 = req(100)
+    s2.add(r2)
+    s2.schedule()
+    assert r2.num_blocks == 7
+
+
 def test_v1_max_num_seqs_stops_admission():
     s = make_sched(scheduler="vllm-v1", max_num_batched_tokens=512, max_num_seqs=2)
     rs = [req(10) for _ in range(3)]
