@@ -167,18 +167,44 @@ class StepTimeFit:
         self.candidates_ = []
         for hw in hws:
             st = RooflineStepTime(load_model_spec(self.model), load_hardware_spec(hw), self.tp)
+            tried = []
             for kv in kvs:
-                coeffs, loss = self._fit_one(cases, hw, st, kv, procs)
-                # candidates the data cannot tell apart are ranked by the plausibility prior
-                prior = float(np.sum(self._prior_residuals(coeffs) ** 2)) / max(1, self._n_data(cases))
-                cand = {"hardware": hw, "kv_cache_tokens": kv, "loss": loss, "objective": loss + prior,
-                        **coeffs.as_dict()}
-                self.candidates_.append(cand)
+                cand = self._candidate(cases, hw, st, kv, procs)
+                tried.append(cand)
                 if best is None or cand["objective"] < best["objective"] * (1 - _TIE):
-                    best = {**cand, "coeffs": coeffs}
+                    best = cand
+            if self.kv_bounds is not None and best["hardware"] == hw:
+                best = self._refine_kv(cases, hw, st, procs, tried, best)
         self.coeffs_, self.hardware_, self.kv_cache_tokens_, self.loss_ = (
             best["coeffs"], best["hardware"], best["kv_cache_tokens"], best["loss"])
         return self
+
+    def _candidate(self, cases, hw, st, kv, procs) -> dict:
+        coeffs, loss = self._fit_one(cases, hw, st, kv, procs)
+        # candidates the data cannot tell apart are ranked by the plausibility prior
+        prior = float(np.sum(self._prior_residuals(coeffs) ** 2)) / max(1, self._n_data(cases))
+        cand = {"hardware": hw, "kv_cache_tokens": kv, "loss": loss, "objective": loss + prior,
+                **coeffs.as_dict(), "coeffs": coeffs}
+        self.candidates_.append({k: v for k, v in cand.items() if k != "coeffs"})
+        return cand
+
+    def _refine_kv(self, cases, hw, st, procs, tried, best, steps: int = 4) -> dict:
+        """Bisect between the largest grid capacity that fits worse and the chosen one, so the
+        result is the smallest capacity (within ~5 %) that explains the training rows."""
+        below = [c for c in tried if c["kv_cache_tokens"] < best["kv_cache_tokens"]]
+        if not below:
+            return best
+        lo, hi = below[-1]["kv_cache_tokens"], best["kv_cache_tokens"]
+        for _ in range(steps):
+            mid = int(round(math.sqrt(lo * hi) / 16) * 16)
+            if mid in (lo, hi):
+                break
+            cand = self._candidate(cases, hw, st, mid, procs)
+            if cand["objective"] <= best["objective"] * (1 + _TIE):
+                best, hi = cand, mid
+            else:
+                lo = mid
+        return best
 
     def _fit_one(self, cases, hw, st: RooflineStepTime, kv, procs):
         coeffs = RooflineCoefficients()
