@@ -129,8 +129,9 @@ def write_report(res: ValidationResult, out: Path) -> None:
     if len(ties) > 1:
         lines += ["", "Not identifiable from these rows: " + ", ".join(
             f"{c['hardware']}" + (f" with KV {c['kv_cache_tokens']}" if c["kv_cache_tokens"] else "")
-            for c in ties) + " fit within 2 % of the best training loss; the choice above is the one whose "
-            "efficiencies are closest to typical values, not evidence."]
+            for c in ties) + " fit within 2 % of the best training loss. Among ties the fit keeps the first "
+            "hardware listed and the smallest KV capacity (the least memory that explains the rows); "
+            "that is a rule, not evidence."]
     warns = f.warnings()
     if warns:
         lines += ["", "Warnings: " + "; ".join(warns)]
