@@ -37,28 +37,63 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
 
 
+VLLM_ONLY = ("max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "num_gpu_blocks_override")
+SGLANG_ONLY = ("chunked_prefill_size", "max_prefill_tokens", "max_running_requests", "enable_mixed_chunk",
+               "max_total_tokens", "context_length")
+
+
 class EngineConfig(_Strict):
-    scheduler: Literal["vllm-v0", "vllm-v1"] = "vllm-v1"
-    version: str = Field("0.11.0", description="vLLM release whose defaults apply")
-    gpu: str = Field("", description="device name, used only for vLLM's per-GPU defaults")
+    """One engine instance. vLLM keys are vLLM's flags, SGLang keys are SGLang's (`sglang.launch_server`)."""
+
+    scheduler: Literal["vllm-v0", "vllm-v1", "sglang"] = "vllm-v1"
+    version: str | None = Field(None, description="engine release whose defaults apply (vLLM 0.11.0, SGLang 0.4.6)")
+    gpu: str = Field("", description="device name, used only for per-GPU defaults")
     gpu_memory_gib: float | None = None
 
-    max_model_len: int = Field(gt=0)
+    max_model_len: int | None = Field(None, gt=0)
+    block_size: int | None = Field(None, gt=0, description="vLLM --block-size / SGLang --page-size")
+    kv_cache_tokens: int | None = Field(None, gt=0)
+    # vLLM
     max_num_batched_tokens: int | None = Field(None, gt=0)
     max_num_seqs: int | None = Field(None, gt=0)
     enable_chunked_prefill: bool | None = None
     long_prefill_token_threshold: int = Field(0, ge=0)
-    block_size: int = Field(16, gt=0)
-    # KV capacity: vLLM derives it from memory profiling; a scenario states it directly.
     num_gpu_blocks_override: int | None = Field(None, gt=0)
-    kv_cache_tokens: int | None = Field(None, gt=0)
+    # SGLang
+    context_length: int | None = Field(None, gt=0)
+    chunked_prefill_size: int | None = Field(None, description="-1 disables chunking")
+    max_prefill_tokens: int | None = Field(None, gt=0)
+    max_running_requests: int | None = Field(None, gt=0)
+    max_total_tokens: int | None = Field(None, gt=0, description="SGLang's KV pool size in tokens")
+    schedule_conservativeness: float = Field(1.0, gt=0)
+    enable_mixed_chunk: bool | None = None
 
     @model_validator(mode="after")
-    def _kv_capacity_given(self):
+    def _check(self):
+        sglang = self.scheduler == "sglang"
+        if self.version is None:
+            self.version = "0.4.6" if sglang else "0.11.0"
+        wrong = [k for k in (VLLM_ONLY if sglang else SGLANG_ONLY) if getattr(self, k) is not None]
+        if wrong:
+            other = "vLLM" if sglang else "SGLang"
+            raise ValueError(f"{', '.join(wrong)}: {other} flag(s), not valid for scheduler {self.scheduler!r}")
+        if sglang:
+            if self.context_length is not None:
+                if self.max_model_len is not None and self.max_model_len != self.context_length:
+                    raise ValueError("give context_length or max_model_len, not both")
+                self.max_model_len = self.context_length
+            if self.max_total_tokens is not None:
+                if self.kv_cache_tokens is not None:
+                    raise ValueError("give max_total_tokens or kv_cache_tokens, not both")
+                self.kv_cache_tokens = self.max_total_tokens
+        if self.max_model_len is None:
+            raise ValueError("max_model_len is required (SGLang: context_length)")
+        if self.block_size is None:
+            self.block_size = 1 if sglang else 16
         if (self.num_gpu_blocks_override is None) == (self.kv_cache_tokens is None):
             raise ValueError(
                 "give exactly one of num_gpu_blocks_override (blocks) or kv_cache_tokens (tokens) "
-                "for the KV cache capacity"
+                "for the KV cache capacity" + (" (SGLang: max_total_tokens)" if sglang else "")
             )
         return self
 
@@ -72,6 +107,8 @@ class EngineConfig(_Strict):
 def resolve_engine_defaults(e: EngineConfig) -> EngineConfig:
     """Fill omitted flags with vLLM's defaults for `e.version`, then apply vLLM's checks."""
     v = _version_tuple(e.version)
+    if e.scheduler == "sglang":
+        return _resolve_sglang(e, v)
     upd: dict[str, Any] = {}
     chunking = e.enable_chunked_prefill
     if e.scheduler == "vllm-v0":
@@ -103,6 +140,47 @@ def resolve_engine_defaults(e: EngineConfig) -> EngineConfig:
     upd.update(enable_chunked_prefill=chunking, max_num_batched_tokens=budget, max_num_seqs=seqs)
     e = e.model_copy(update=upd)
     _verify_engine(e)
+    return e
+
+
+def _resolve_sglang(e: EngineConfig, v: tuple[int, ...]) -> EngineConfig:
+    """SGLang's server_args defaults (≈v0.4, read in 0.4.4-0.4.6): chunk size by GPU memory,
+    16384 prefill tokens, running requests bounded by half the token pool and the request
+    pool (pool tokens / context length x 512, clamped to 2048..4096, plus one)."""
+    upd: dict[str, Any] = {}
+    if e.chunked_prefill_size is None:
+        mem = e.gpu_memory_gib
+        if v <= (0, 4, 6):  # 0.4.4-0.4.6: by nvidia-smi memory, 25,000 MB threshold
+            upd["chunked_prefill_size"] = 2048 if mem is not None and mem * 1024 < 25000 else 8192
+        elif mem is None:
+            upd["chunked_prefill_size"] = 4096  # later versions: unknown device
+        elif mem < 35:
+            upd["chunked_prefill_size"] = 2048
+        elif mem < 60:
+            upd["chunked_prefill_size"] = 4096
+        elif mem < 160:
+            upd["chunked_prefill_size"] = 8192
+        else:
+            upd["chunked_prefill_size"] = 16384
+    if e.max_prefill_tokens is None:
+        upd["max_prefill_tokens"] = 16384
+    if e.max_running_requests is None:
+        pool = e.num_gpu_blocks * e.block_size
+        req_pool = min(4096, max(2048, int(pool / e.max_model_len * 512))) + 1
+        upd["max_running_requests"] = max(1, min(pool // 2, req_pool))
+    if e.enable_mixed_chunk is None:
+        upd["enable_mixed_chunk"] = False
+    e = e.model_copy(update=upd)
+    if e.chunked_prefill_size > 0 and e.chunked_prefill_size % e.block_size:
+        raise ScenarioError(
+            f"engine.chunked_prefill_size: {e.chunked_prefill_size} must be a multiple of the page size "
+            f"({e.block_size}): chunks are cut at page boundaries"
+        )
+    if e.max_model_len > e.num_gpu_blocks * e.block_size:
+        raise ScenarioError(
+            f"engine.context_length: context length ({e.max_model_len}) exceeds the KV pool "
+            f"({e.num_gpu_blocks * e.block_size} tokens); a request of that length could never run"
+        )
     return e
 
 

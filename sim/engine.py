@@ -22,13 +22,25 @@ from .schedulers.base import Scheduler
 from .step_time import BatchShape, StepTimeModel
 
 
-def front_door_error(req: Request, max_model_len: int) -> str:
-    """vLLM's OpenAI-server validation; a non-empty string means HTTP 400."""
+def front_door_error(req: Request, max_model_len: int, engine: str = "vllm") -> str:
+    """The server's request validation; a non-empty string means HTTP 400.
+
+    vLLM rejects prompt + max_tokens > max_model_len; SGLang rejects input + max_new_tokens
+    >= context_length (note: >=).
+    """
     if req.prompt_len < 1:
         return "The decoder prompt cannot be empty"
     if req.max_tokens < 1:
         return f"max_tokens must be at least 1, got {req.max_tokens}."
     total = req.prompt_len + req.max_tokens
+    if engine == "sglang":
+        if total >= max_model_len:
+            return (
+                f"Requested token count exceeds the model's maximum context length of {max_model_len} tokens. "
+                f"You requested a total of {total} tokens: {req.prompt_len} tokens from the input messages "
+                f"and {req.max_tokens} tokens for the completion."
+            )
+        return ""
     if total > max_model_len:  # strictly greater
         return (
             f"This model's maximum context length is {max_model_len} tokens. "
@@ -94,7 +106,7 @@ class Engine:
 
     def _arrive(self, req: Request) -> None:
         """The OpenAI front end answers HTTP 400 at once, or hands the request to the scheduler."""
-        error = front_door_error(req, self.max_model_len)
+        error = front_door_error(req, self.max_model_len, "sglang" if self.scheduler.name == "sglang" else "vllm")
         if error:
             req.status = Status.FAILED
             req.error = error

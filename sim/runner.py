@@ -33,6 +33,8 @@ class SimResult:
 def make_kv_cache(e) -> KVCache:
     """V0's block manager keeps a 1 % watermark at admission; V1 has none, and until 0.8.x it
     preallocated 64 tokens of blocks whenever a request grew (removed in later versions)."""
+    if e.scheduler == "sglang":
+        return KVCache(e.num_gpu_blocks, e.block_size)  # a token pool (page size 1 by default)
     if e.scheduler == "vllm-v0":
         return KVCache(e.num_gpu_blocks, e.block_size, watermark=0.01)
     prealloc = 64 if _version_tuple(e.version) < (0, 9) else 0

@@ -25,10 +25,16 @@ class BatchShape:
     def num_tokens(self) -> int:
         return self.prefill_tokens + self.decode_seqs
 
-    def add_chunk(self, num_computed: int, num_new: int) -> None:
-        """Account a request computing `num_new` tokens after `num_computed` cached ones."""
+    def add_chunk(self, num_computed: int, num_new: int, decode: bool | None = None) -> None:
+        """Account a request computing `num_new` tokens after `num_computed` cached ones.
+
+        A decode computes the KV of the token sampled last step; by default any one-token
+        step after cached context counts as one (the cost is the same).
+        """
         self.num_seqs += 1
-        if num_new == 1 and num_computed > 0:
+        if decode is None:
+            decode = num_new == 1 and num_computed > 0
+        if decode:
             self.decode_seqs += 1
             self.decode_ctx_tokens += num_computed + 1
         else:

@@ -32,7 +32,7 @@ def wall_clock_guard(seconds: int):
 
 @st.composite
 def scenarios(draw):
-    scheduler = draw(st.sampled_from(["vllm-v0", "vllm-v1"]))
+    scheduler = draw(st.sampled_from(["vllm-v0", "vllm-v1", "sglang"]))
     chunking = draw(st.booleans())
     block_size = draw(st.sampled_from([1, 4, 16]))
     max_model_len = draw(st.integers(8, 600))
@@ -57,8 +57,20 @@ def scenarios(draw):
     }
     if draw(st.booleans()):
         workload["max_concurrency"] = draw(st.integers(1, 8))
-    return {
-        "engine": {
+    if scheduler == "sglang":
+        engine = {
+            "scheduler": "sglang",
+            "block_size": block_size,
+            "context_length": max_model_len,
+            "chunked_prefill_size": draw(st.sampled_from([-1, 1, 4, 16, 64])) * block_size,
+            "max_prefill_tokens": draw(st.integers(1, 800)),
+            "max_running_requests": max_num_seqs,
+            "enable_mixed_chunk": draw(st.booleans()),
+            "kv_cache_tokens": num_blocks * block_size,
+        }
+        workload["client"] = "vllm"
+    else:
+        engine = {
             "scheduler": scheduler,
             "enable_chunked_prefill": chunking,
             "block_size": block_size,
@@ -66,7 +78,9 @@ def scenarios(draw):
             "max_num_seqs": max_num_seqs,
             "max_num_batched_tokens": budget,
             "num_gpu_blocks_override": num_blocks,
-        },
+        }
+    return {
+        "engine": engine,
         "workload": workload,
         "step_time": {
             "step_overhead_s": draw(st.sampled_from([1e-3, 1e-2])),
@@ -83,16 +97,21 @@ def test_invariants_hold_on_random_scenarios(data):
     check_invariants(data)
 
 
-@pytest.mark.parametrize("scheduler,chunking", [("vllm-v0", False), ("vllm-v0", True), ("vllm-v1", True)])
+@pytest.mark.parametrize("scheduler,chunking", [("vllm-v0", False), ("vllm-v0", True), ("vllm-v1", True),
+                                                ("sglang", None)])
 def test_invariants_hold_under_heavy_preemption(scheduler, chunking):
+    engine = {"scheduler": scheduler, "enable_chunked_prefill": chunking, "max_model_len": 512,
+              "max_num_batched_tokens": 512, "max_num_seqs": 64, "num_gpu_blocks_override": 40}
+    if scheduler == "sglang":
+        engine = {"scheduler": "sglang", "context_length": 512, "chunked_prefill_size": 256,
+                  "max_running_requests": 64, "kv_cache_tokens": 640}
     data = {
-        "engine": {"scheduler": scheduler, "enable_chunked_prefill": chunking, "max_model_len": 512,
-                   "max_num_batched_tokens": 512, "max_num_seqs": 64, "num_gpu_blocks_override": 40},
+        "engine": engine,
         "workload": {"dataset_name": "random", "num_prompts": 200, "random_input_len": 100,
                      "random_output_len": 200, "random_range_ratio": 0.5, "request_rate": 20.0},
     }
     res = check_invariants(data)
-    assert res.num_preemptions > 50
+    assert res.num_preemptions > (10 if scheduler == "sglang" else 50)  # SGLang admits by reservation
 
 
 def check_invariants(data):
@@ -112,13 +131,23 @@ def check_invariants(data):
             assert r.error
     assert res.bench.metrics["completed"] + res.bench.metrics["failed"] == len(res.requests)
 
-    # no step exceeds the token budget or max_num_seqs; KV never exceeds its capacity
-    assert res.max_batch_tokens <= e.max_num_batched_tokens
-    assert res.max_batch_seqs <= e.max_num_seqs
+    # no step exceeds the token budget or the running-request cap; KV never exceeds its capacity
+    if e.scheduler == "sglang":
+        cap, chunk = e.max_running_requests, e.chunked_prefill_size
+        for s in res.steps:
+            assert s.shape.num_seqs <= cap
+            if chunk > 0:
+                assert s.shape.prefill_tokens <= chunk
+            if s.shape.prefill_tokens and not e.enable_mixed_chunk:
+                assert s.shape.decode_seqs == 0  # prefill and decode are separate passes
+    else:
+        assert res.max_batch_tokens <= e.max_num_batched_tokens
+        assert res.max_batch_seqs <= e.max_num_seqs
+        for s in res.steps:
+            assert s.num_tokens <= e.max_num_batched_tokens
+            assert s.shape.num_seqs <= e.max_num_seqs
     assert res.peak_kv_blocks <= e.num_gpu_blocks
     for s in res.steps:
-        assert s.num_tokens <= e.max_num_batched_tokens
-        assert s.shape.num_seqs <= e.max_num_seqs
         assert s.kv_blocks_used <= e.num_gpu_blocks
     # simulated time never decreases
     starts = [s.t_start_s for s in res.steps]

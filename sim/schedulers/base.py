@@ -19,10 +19,13 @@ class Batch:
     shape: BatchShape = field(default_factory=BatchShape)
     preempted: list[Request] = field(default_factory=list)
 
-    def add(self, req: Request, n: int) -> None:
+    def add(self, req: Request, n: int, decode: bool | None = None) -> None:
+        """`decode`: the scheduler's own word; by default, one token after a generated one."""
         self.reqs.append(req)
         self.num_new.append(n)
-        self.shape.add_chunk(req.num_computed, n)
+        if decode is None:
+            decode = n == 1 and req.output_len > 0 and req.num_computed == req.num_tokens - 1
+        self.shape.add_chunk(req.num_computed, n, decode)
 
     def __len__(self) -> int:
         return len(self.reqs)
