@@ -13,14 +13,23 @@ import numpy as np
 
 from .config import ScenarioError, load_scenario
 from .engine import SimulationStuck
-from .metrics import format_report, result_json
+from .metrics import format_report, result_json, sglang_result_json
 from .runner import SimResult, simulate
 from .workload import WorkloadError
 
 
 def _result_json(res: SimResult, detailed: bool) -> dict:
-    """vLLM's result JSON, plus a `servesim` section saying what was simulated."""
+    """The client's result JSON (vLLM's, or SGLang's JSONL line), plus a `servesim` section."""
     sc, w = res.scenario, res.scenario.workload
+    if w.client == "sglang":
+        out = sglang_result_json(res.bench, {
+            "backend": "sglang", "dataset_name": w.dataset_name,
+            "request_rate": "inf" if math.isinf(w.request_rate) else w.request_rate,
+            "max_concurrency": w.max_concurrency, "sharegpt_output_len": w.sharegpt_output_len,
+            "random_input_len": w.random_input_len, "random_output_len": w.random_output_len,
+            "random_range_ratio": w.resolved_range_ratio})
+        out["servesim"] = _servesim_section(res)
+        return out
     header = {"date": datetime.now().strftime("%Y%m%d-%H%M%S")}
     if w.client != "vllm-legacy":
         header.update(endpoint_type="openai", label=None)
@@ -34,7 +43,13 @@ def _result_json(res: SimResult, detailed: bool) -> dict:
         max_concurrency=w.max_concurrency,
     )
     out = result_json(res.bench, w.client, header, res.requests if detailed else None)
-    out["servesim"] = {
+    out["servesim"] = _servesim_section(res)
+    return out
+
+
+def _servesim_section(res: SimResult) -> dict:
+    sc = res.scenario
+    return {
         "simulated": True,
         "scenario": sc.name,
         "engine": sc.engine.model_dump(),
@@ -45,7 +60,6 @@ def _result_json(res: SimResult, detailed: bool) -> dict:
         "max_batch_seqs": res.max_batch_seqs,
         "peak_kv_blocks": res.peak_kv_blocks,
     }
-    return out
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -82,7 +96,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"(simulated: {res.num_steps} engine steps, {res.num_preemptions} preemptions, "
               f"peak KV {res.peak_kv_blocks}/{e.num_gpu_blocks} blocks)")
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(_result_json(res, args.save_detailed), indent=2))
+        data = _result_json(res, args.save_detailed)
+        # SGLang's client writes one JSON line per run (JSONL); vLLM's a JSON document
+        text = json.dumps(data) + "\n" if sc.workload.client == "sglang" else json.dumps(data, indent=2)
+        Path(args.output_json).write_text(text)
     if args.output_requests:
         res.bench.requests.to_csv(args.output_requests, index=False)
     return 0

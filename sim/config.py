@@ -176,11 +176,6 @@ def _resolve_sglang(e: EngineConfig, v: tuple[int, ...]) -> EngineConfig:
             f"engine.chunked_prefill_size: {e.chunked_prefill_size} must be a multiple of the page size "
             f"({e.block_size}): chunks are cut at page boundaries"
         )
-    if e.max_model_len > e.num_gpu_blocks * e.block_size:
-        raise ScenarioError(
-            f"engine.context_length: context length ({e.max_model_len}) exceeds the KV pool "
-            f"({e.num_gpu_blocks * e.block_size} tokens); a request of that length could never run"
-        )
     return e
 
 
@@ -217,17 +212,18 @@ def _verify_engine(e: EngineConfig) -> None:
 
 
 class WorkloadConfig(_Strict):
-    client: Literal["vllm", "vllm-legacy"] = Field(
-        "vllm", description="vllm: `vllm bench serve` (>= 0.8); vllm-legacy: old benchmark_serving.py"
+    client: Literal["vllm", "vllm-legacy", "sglang"] = Field(
+        "vllm", description="vllm: `vllm bench serve` (>= 0.8); vllm-legacy: old benchmark_serving.py; "
+        "sglang: python -m sglang.bench_serving"
     )
     dataset_name: Literal["random", "sharegpt", "trace"] = "random"
     num_prompts: int | None = Field(None, ge=1)
     request_rate: float = Field(math.inf, gt=0)
     burstiness: float = Field(1.0, gt=0)
     max_concurrency: int | None = Field(None, ge=1)
-    seed: int = 0
-    ignore_eos: bool = Field(
-        False, description="lengths are token counts, so every request generates its requested output"
+    seed: int | None = Field(None, description="default: 0 for vLLM's clients, 1 for SGLang's")
+    ignore_eos: bool | None = Field(
+        None, description="default: off for vLLM's clients, on for SGLang's (--disable-ignore-eos)"
     )
     # random
     random_input_len: int = Field(1024, ge=1)
@@ -258,8 +254,12 @@ class WorkloadConfig(_Strict):
             raise ValueError("dataset_name 'trace' needs trace_path")
         if self.client == "vllm" and self.random_range_ratio is not None and not self.random_range_ratio < 1:
             raise ValueError("random_range_ratio must be in [0, 1) for the vllm client")
-        if self.client == "vllm-legacy" and self.random_range_ratio is not None and self.random_range_ratio > 1:
-            raise ValueError("random_range_ratio must be in [0, 1] for the vllm-legacy client")
+        if self.client != "vllm" and self.random_range_ratio is not None and self.random_range_ratio > 1:
+            raise ValueError(f"random_range_ratio must be in [0, 1] for the {self.client} client")
+        if self.seed is None:
+            self.seed = 1 if self.client == "sglang" else 0
+        if self.ignore_eos is None:
+            self.ignore_eos = self.client == "sglang"
         if self.output_len_mean is not None:
             if self.ignore_eos:
                 raise ValueError("output_len_mean describes outputs ended by EOS; it contradicts ignore_eos = true")

@@ -124,6 +124,12 @@ def calculate_metrics(
     m["output_throughput"] = total_output / duration_s if duration_s > 0 else 0.0
     m["total_token_throughput"] = (total_input + total_output) / duration_s if duration_s > 0 else 0.0
     m["max_output_tokens_per_s"], m["max_concurrent_requests"] = peak_rates(requests)
+    # SGLang's extras: input throughput, concurrency = sum of E2E over duration, p95/max ITL
+    m["input_throughput"] = total_input / duration_s if duration_s > 0 else 0.0
+    m["concurrency"] = float(ok["e2el_s"].sum()) / duration_s if duration_s > 0 else 0.0
+    itl = series_ms["itl"]
+    m["p95_itl_ms"] = float(np.percentile(itl, 95)) if len(itl) else 0.0
+    m["max_itl_ms"] = float(np.max(itl)) if len(itl) else 0.0
     for name in ("ttft", "tpot", "itl", "e2el"):
         x = series_ms[name]
         has = len(x) > 0
@@ -146,6 +152,8 @@ def format_report(
     `vllm-legacy` prints what benchmarks/benchmark_serving.py (v0.7-v0.8) prints; `vllm`
     prints what `vllm bench serve` prints (failed count, configured rate, peaks).
     """
+    if client == "sglang":
+        return format_sglang_report(res, max_concurrency, request_rate)
     m = res.metrics
     new = client != "vllm-legacy"
     row = "{:<40} {:<10}".format
@@ -181,6 +189,63 @@ def format_report(
             out.append(frow(f"P{lab} {short} (ms):", m[f"p{lab}_{name}_ms"]))
     out.append("=" * 50)
     return "\n".join(out)
+
+
+def format_sglang_report(res: BenchmarkResult, max_concurrency: int | None, request_rate: float) -> str:
+    """`python -m sglang.bench_serving`'s block (≈v0.4.5), its fixed metrics and its spelling."""
+    m = res.metrics
+    row = "{:<40} {:<10}".format
+    frow = "{:<40} {:<10.2f}".format
+    out = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=50, c="="),
+           row("Backend:", "sglang"),
+           row("Traffic request rate:", "inf" if request_rate == float("inf") else request_rate),
+           row("Max reqeuest concurrency:", max_concurrency if max_concurrency else "not set"),
+           row("Successful requests:", m["completed"]),
+           frow("Benchmark duration (s):", m["duration"]),
+           row("Total input tokens:", m["total_input_tokens"]),
+           row("Total generated tokens:", m["total_output_tokens"]),
+           row("Total generated tokens (retokenized):", m["total_output_tokens"]),
+           frow("Request throughput (req/s):", m["request_throughput"]),
+           frow("Input token throughput (tok/s):", m["input_throughput"]),
+           frow("Output token throughput (tok/s):", m["output_throughput"]),
+           frow("Total token throughput (tok/s):", m["total_token_throughput"]),
+           frow("Concurrency:", m["concurrency"]),
+           "{s:{c}^{n}}".format(s="End-to-End Latency", n=50, c="-"),
+           frow("Mean E2E Latency (ms):", m["mean_e2el_ms"]),
+           frow("Median E2E Latency (ms):", m["median_e2el_ms"]),
+           "{s:{c}^{n}}".format(s="Time to First Token", n=50, c="-"),
+           frow("Mean TTFT (ms):", m["mean_ttft_ms"]),
+           frow("Median TTFT (ms):", m["median_ttft_ms"]),
+           frow("P99 TTFT (ms):", m["p99_ttft_ms"]),
+           "{s:{c}^{n}}".format(s="Inter-Token Latency", n=50, c="-"),
+           frow("Mean ITL (ms):", m["mean_itl_ms"]),
+           frow("Median ITL (ms):", m["median_itl_ms"]),
+           frow("P95 ITL (ms):", m["p95_itl_ms"]),
+           frow("P99 ITL (ms):", m["p99_itl_ms"]),
+           frow("Max ITL (ms):", m["max_itl_ms"]),
+           "=" * 50]
+    return "\n".join(out)
+
+
+def sglang_result_json(res: BenchmarkResult, header: dict) -> dict:
+    """One line of `sglang.bench_serving --output-file` (JSONL): its key names, e2e_latency spelling."""
+    m = res.metrics
+    out = dict(header)
+    out.update(duration=m["duration"], completed=m["completed"], total_input_tokens=m["total_input_tokens"],
+               total_output_tokens=m["total_output_tokens"],
+               total_output_tokens_retokenized=m["total_output_tokens"],
+               request_throughput=m["request_throughput"], input_throughput=m["input_throughput"],
+               output_throughput=m["output_throughput"])
+    for stat in ("mean", "median", "std", "p99"):
+        out[f"{stat}_e2e_latency_ms"] = m[f"{stat}_e2el_ms"]
+    for name in ("ttft", "tpot"):
+        for stat in ("mean", "median", "std", "p99"):
+            out[f"{stat}_{name}_ms"] = m[f"{stat}_{name}_ms"]
+    for stat in ("mean", "median", "std", "p95", "p99"):
+        out[f"{stat}_itl_ms"] = m[f"{stat}_itl_ms"]
+    out["concurrency"] = m["concurrency"]
+    out["accept_length"] = None
+    return out
 
 
 def result_json(

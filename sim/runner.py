@@ -66,7 +66,7 @@ def simulate(sc: Scenario, record_steps: bool = False) -> SimResult:
         requests,
         duration,
         [s.strip() for s in rep.percentile_metrics.split(",")],
-        [float(p) for p in rep.metric_percentiles.split(",")],
+        sorted({float(p) for p in rep.metric_percentiles.split(",")} | ({99.0} if w.client == "sglang" else set())),
         rep.goodput,
     )
     return SimResult(

@@ -81,16 +81,21 @@ def sample_random(
     range_ratio: float,
     prefix_len: int,
     legacy: bool,
+    sglang: bool = False,
 ) -> list[Sample]:
     """vLLM's random dataset.
 
     vLLM >= 0.8 (`RandomDataset`): input uniform on [floor(L(1-r)), ceil(L(1+r))], output on
     [max(floor(O(1-r)), 1), ceil(O(1+r))], r in [0, 1).
     Older `sample_random_requests`: input on [int(L·r), L], output on [int(O·r), O].
+    SGLang's bench_serving: input on [max(int(L·r), 1), L], output on [int(O·r), O].
     A shared prefix of `prefix_len` tokens is added to every prompt. Input lengths are
     drawn for all requests, then output lengths, as both clients do.
     """
-    if legacy:
+    if sglang:
+        in_lo, in_hi = max(int(input_len * range_ratio), 1), input_len
+        out_lo, out_hi = int(output_len * range_ratio), output_len
+    elif legacy:
         in_lo, in_hi = int(input_len * range_ratio), input_len
         out_lo, out_hi = int(output_len * range_ratio), output_len
     else:
@@ -181,7 +186,7 @@ def arrival_times(
 
 def build_requests(w) -> list[Request]:
     """The request list of one benchmark run, from a validated `WorkloadConfig`."""
-    legacy = w.client == "vllm-legacy"
+    legacy = w.client in ("vllm-legacy", "sglang")  # first request at once, a gap after each
     # Both clients seed numpy's global generator with --seed and draw arrival gaps from it.
     # The old client also draws random-dataset lengths from it; `vllm bench serve` uses
     # its own np.random.default_rng(seed) for them.
@@ -192,7 +197,7 @@ def build_requests(w) -> list[Request]:
     elif w.dataset_name == "random":
         samples = sample_random(
             rs if legacy else np.random.default_rng(w.seed), w.num_prompts, w.random_input_len, w.random_output_len,
-            w.resolved_range_ratio, w.random_prefix_len, legacy,
+            w.resolved_range_ratio, w.random_prefix_len, legacy, sglang=w.client == "sglang",
         )
     else:
         samples, times = load_trace(w.trace_path, w.num_prompts, w.trace_time_scale)

@@ -39,6 +39,13 @@ class SglangScheduler(Scheduler):
         self.num_retractions = 0
 
     def add(self, req: Request) -> None:
+        # validate_input_length: the usable length is bounded by the token pool as well
+        max_req_len = min(self.cfg.max_model_len, self.kv.capacity_tokens)
+        if req.prompt_len >= max_req_len - 1 - 5:
+            self.reject(req, f"Input length ({req.prompt_len} tokens) exceeds the maximum allowed length "
+                             f"({max_req_len - 6} tokens).")
+            return
+        req.max_tokens = min(req.max_tokens, max_req_len - req.prompt_len - 1)
         if not self.running and not self.waiting:
             self.new_token_ratio = self.init_ratio  # the server was idle: start cautious again
         super().add(req)

@@ -1,0 +1,147 @@
+"""SGLang scheduling rules (engine-semantics.md §C), one test each."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import apply, make_sched, req
+
+from sim.request import Status
+from sim.schedulers.sglang import CLIP_MAX_NEW_TOKENS
+
+
+def sg(**kw):
+    kw.setdefault("context_length", 4096)
+    kw.setdefault("kv_cache_tokens", 10_000)
+    kw.setdefault("chunked_prefill_size", 512)
+    return make_sched(scheduler="sglang", max_model_len=None, num_gpu_blocks_override=None, **kw)
+
+
+def test_sglang_prefill_and_decode_are_separate_passes():
+    s = sg()
+    a = req(100, out=10)
+    s.add(a)
+    apply(s.schedule())
+    s.add(b := req(50, out=10))
+    batch = s.schedule()  # a prefill batch can be formed: it runs alone, a's decode waits
+    assert batch.reqs == [b] and batch.shape.decode_seqs == 0
+    apply(batch)
+    batch = s.schedule()
+    assert batch.shape.decode_seqs == 2 and batch.shape.prefill_tokens == 0
+
+
+def test_sglang_mixed_chunk_folds_decodes_into_the_prefill_batch():
+    s = sg(enable_mixed_chunk=True)
+    s.add(a := req(100, out=10))
+    apply(s.schedule())
+    s.add(b := req(50, out=10))
+    batch = s.schedule()
+    assert set(batch.reqs) == {a, b} and batch.shape.decode_seqs == 1
+
+
+def test_sglang_long_prompt_is_chunked_and_its_next_chunk_goes_first_with_no_decode_between():
+    s = sg(chunked_prefill_size=256)
+    s.add(short := req(10, out=50))
+    apply(s.schedule())
+    s.add(long := req(600, out=5))
+    b1 = s.schedule()
+    assert b1.reqs == [long] and b1.num_new == [256]
+    apply(b1)
+    b2 = s.schedule()
+    assert b2.reqs == [long] and b2.num_new == [256]  # the chunked request continues; short waits
+    apply(b2)
+    b3 = s.schedule()
+    assert b3.reqs == [long] and b3.num_new == [88]
+    apply(b3)
+    assert s.schedule().shape.decode_seqs == 2
+
+
+def test_sglang_admission_reserves_prompt_plus_clipped_max_new_against_discounted_running_output():
+    s = sg(kv_cache_tokens=3000, chunked_prefill_size=-1, max_prefill_tokens=100_000)
+    s.add(a := req(100, out=2000))
+    apply(s.schedule())
+    # a is running: it is expected to need (2000 - 1) * 0.7 more tokens
+    reserved = (2000 - 1) * 0.7
+    free = 3000 - 101
+    assert s._reserved_for_running() == pytest.approx(reserved)
+    fits = int(free - reserved) - CLIP_MAX_NEW_TOKENS  # none: max_new alone is clipped at 4096
+    assert fits < 0
+    s.add(b := req(100, out=500))  # 100 + 500 >= 2899 - 1399.3? 600 < 1499.7: admitted
+    batch = s.schedule()
+    assert b in batch.reqs
+    s.add(c := req(100, out=1000))  # 1100 >= 1499.7 - 600: NO_TOKEN
+    apply(batch)
+    batch = s.schedule()
+    assert c.status is Status.WAITING and c not in batch.reqs
+
+
+def test_sglang_max_prefill_tokens_stops_a_nonempty_batch_but_the_first_request_always_goes():
+    s = sg(chunked_prefill_size=-1, max_prefill_tokens=100)
+    s.add(a := req(300, out=5))
+    s.add(b := req(10, out=5))
+    batch = s.schedule()
+    assert batch.reqs == [a]  # over the budget, but first; b must wait for the next pass
+
+
+def test_sglang_max_running_requests_caps_admission():
+    s = sg(max_running_requests=2)
+    for _ in range(3):
+        s.add(req(10, out=5))
+    batch = s.schedule()
+    assert len(batch.reqs) == 2
+
+
+def test_sglang_retracts_fewest_generated_ties_longest_prompt_to_the_tail():
+    s = sg(kv_cache_tokens=98, chunked_prefill_size=-1, context_length=98)
+    a, b, c = req(30, out=60), req(35, out=60), req(30, out=60)
+    for r, generated in ((a, 2), (b, 1), (c, 1)):  # b and c tie on output; b has the longer prompt
+        r.output_len = generated
+        r.num_computed = r.num_tokens - 1  # decoding
+        r.status = Status.RUNNING
+        s.kv.allocate(r, r.num_computed)
+        s.running.append(r)
+    s.add(w := req(5, out=5))  # already waiting
+    s.waiting.clear()
+    s.waiting.append(w)
+    s.new_token_ratio = s.min_ratio
+    assert s.kv.num_free == 2 < 3  # 98 - 31 - 35 - 30: no slot for every decode
+    batch = s.schedule()
+    # retraction continues until 20 steps fit per remaining request: only one request can stay
+    assert b in s.waiting and s.waiting[-1] in (b, c) and s.waiting[0] is w  # appended to the tail
+    assert s.waiting.index(b) < s.waiting.index(c)  # b (tie, longest prompt) went first
+    assert s.running == [a] and batch.reqs == [a]
+    assert b.num_computed == 0 and b.num_blocks == 0 and b.output_len == 1  # output kept, KV dropped
+    assert s.new_token_ratio == pytest.approx(min(1.0, (2 + 20) / 60))
+
+
+def test_sglang_new_token_ratio_decays_per_decode_step_and_resets_when_idle():
+    s = sg()
+    s.add(a := req(10, out=5))
+    apply(s.schedule())
+    r0 = s.new_token_ratio
+    apply(s.schedule())
+    assert s.new_token_ratio == pytest.approx(r0 - (0.7 - 0.098) / 600)
+    while a.output_len < a.max_tokens:
+        apply(s.schedule())
+    a.status = Status.FINISHED
+    s.release_finished([a])
+    s.add(req(10, out=5))  # the server was idle
+    assert s.new_token_ratio == pytest.approx(0.7)
+
+
+def test_sglang_front_door_rejects_input_plus_max_new_at_context_length():
+    from sim.engine import front_door_error
+
+    assert front_door_error(req(100, out=28), 128, "sglang")  # 128 >= 128: rejected
+    assert not front_door_error(req(100, out=27), 128, "sglang")
+    assert not front_door_error(req(100, out=28), 128, "vllm")  # vLLM allows equality
+
+
+def test_sglang_flags_are_refused_for_vllm_and_the_other_way_round():
+    from sim.config import ScenarioError, scenario_from_dict
+
+    with pytest.raises(ScenarioError, match="chunked_prefill_size: SGLang flag"):
+        scenario_from_dict({"engine": {"scheduler": "vllm-v1", "max_model_len": 100, "kv_cache_tokens": 1600,
+                                       "chunked_prefill_size": 512}})
+    with pytest.raises(ScenarioError, match="max_num_seqs: vLLM flag"):
+        scenario_from_dict({"engine": {"scheduler": "sglang", "context_length": 100, "max_total_tokens": 1600,
+                                       "max_num_seqs": 8}})
