@@ -382,10 +382,18 @@ class StepTimeConfig(_Strict):
         return load_profile(self.profile).kv_cache_tokens
 
 
+class DeploymentConfig(_Strict):
+    """Identical engine instances (data parallelism) behind a router."""
+
+    instances: int = Field(1, ge=1)
+    router: Literal["round_robin", "least_outstanding", "random"] = "round_robin"
+
+
 class Scenario(_Strict):
     name: str = ""
     description: str = ""
     engine: EngineConfig
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
     workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
     step_time: StepTimeConfig = Field(default_factory=StepTimeConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)

@@ -37,6 +37,7 @@ class Request:
     output_len: int = 0  # tokens emitted so far
     num_blocks: int = 0  # KV blocks held
     num_preemptions: int = 0
+    instance: int = -1  # which engine instance the router sent it to
     token_times: list[float] = field(default_factory=list)
     error: str = ""
     # recorded only with record_steps=True, for exact replay (calibration)

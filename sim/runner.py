@@ -8,11 +8,11 @@ import simpy
 
 from .client import BenchmarkClient
 from .config import Scenario, _version_tuple
-from .engine import Engine, SimulationStuck
+from .deployment import Deployment
+from .engine import SimulationStuck
 from .kv_cache import KVCache
 from .metrics import BenchmarkResult, calculate_metrics
 from .request import Request
-from .schedulers import make_scheduler
 from .workload import build_requests
 
 
@@ -27,7 +27,8 @@ class SimResult:
     max_batch_seqs: int
     peak_kv_blocks: int
     max_in_flight: int  # most requests in flight at one instant
-    steps: list | None = None
+    steps: list | None = None  # recorded steps of a single-instance run
+    instance_steps: list | None = None  # recorded steps per instance
 
 
 def make_kv_cache(e) -> KVCache:
@@ -42,23 +43,22 @@ def make_kv_cache(e) -> KVCache:
 
 
 def simulate(sc: Scenario, record_steps: bool = False) -> SimResult:
-    e, w = sc.engine, sc.workload
+    w = sc.workload
     env = simpy.Environment()
     requests = build_requests(w)
-    kv = make_kv_cache(e)
-    scheduler = make_scheduler(e, kv)
     client = BenchmarkClient(env, requests, w.max_concurrency)
-    engine = Engine(env, scheduler, sc.step_time.build(), e.max_model_len, client.on_done, record_steps)
-    client.start(engine.submit)
+    dep = Deployment(env, sc, client.on_done, record_steps)
+    client.start(dep.submit)
 
-    env.run(until=client.all_done | engine.process)
+    env.run(until=simpy.AnyOf(env, [client.all_done, *dep.processes]))
     if not client.all_done.triggered:
         raise SimulationStuck("the engine stopped before every request ended")  # pragma: no cover
 
     unfinished = [r for r in requests if not r.done]
-    if unfinished or kv.num_used:
+    in_use = sum(eng.scheduler.kv.num_used for eng in dep.engines)
+    if unfinished or in_use:
         raise SimulationStuck(  # pragma: no cover - an invariant, checked on every run
-            f"run ended with {len(unfinished)} unfinished request(s) and {kv.num_used} KV blocks in use"
+            f"run ended with {len(unfinished)} unfinished request(s) and {in_use} KV blocks in use"
         )
     duration = env.now
     rep = sc.report
@@ -69,15 +69,17 @@ def simulate(sc: Scenario, record_steps: bool = False) -> SimResult:
         sorted({float(p) for p in rep.metric_percentiles.split(",")} | ({99.0} if w.client == "sglang" else set())),
         rep.goodput,
     )
+    engines = dep.engines
     return SimResult(
         scenario=sc,
         bench=bench,
         requests=requests,
-        num_steps=engine.num_steps,
-        num_preemptions=scheduler.num_preemptions,
-        max_batch_tokens=engine.max_batch_tokens,
-        max_batch_seqs=engine.max_batch_seqs,
-        peak_kv_blocks=kv.peak_used,
+        num_steps=sum(g.num_steps for g in engines),
+        num_preemptions=sum(g.scheduler.num_preemptions for g in engines),
+        max_batch_tokens=max(g.max_batch_tokens for g in engines),
+        max_batch_seqs=max(g.max_batch_seqs for g in engines),
+        peak_kv_blocks=max(g.scheduler.kv.peak_used for g in engines),
         max_in_flight=client.max_in_flight,
-        steps=engine.steps,
+        steps=engines[0].steps if len(engines) == 1 else None,
+        instance_steps=[g.steps for g in engines] if record_steps else None,
     )

@@ -79,8 +79,11 @@ def scenarios(draw):
             "max_num_batched_tokens": budget,
             "num_gpu_blocks_override": num_blocks,
         }
+    deployment = {"instances": draw(st.integers(1, 3)),
+                  "router": draw(st.sampled_from(["round_robin", "least_outstanding", "random"]))}
     return {
         "engine": engine,
+        "deployment": deployment,
         "workload": workload,
         "step_time": {
             "step_overhead_s": draw(st.sampled_from([1e-3, 1e-2])),
@@ -132,9 +135,10 @@ def check_invariants(data):
     assert res.bench.metrics["completed"] + res.bench.metrics["failed"] == len(res.requests)
 
     # no step exceeds the token budget or the running-request cap; KV never exceeds its capacity
+    all_steps = [s for steps in res.instance_steps for s in steps]
     if e.scheduler == "sglang":
         cap, chunk = e.max_running_requests, e.chunked_prefill_size
-        for s in res.steps:
+        for s in all_steps:
             assert s.shape.num_seqs <= cap
             if chunk > 0:
                 assert s.shape.prefill_tokens <= chunk
@@ -143,16 +147,19 @@ def check_invariants(data):
     else:
         assert res.max_batch_tokens <= e.max_num_batched_tokens
         assert res.max_batch_seqs <= e.max_num_seqs
-        for s in res.steps:
+        for s in all_steps:
             assert s.num_tokens <= e.max_num_batched_tokens
             assert s.shape.num_seqs <= e.max_num_seqs
     assert res.peak_kv_blocks <= e.num_gpu_blocks
-    for s in res.steps:
+    for s in all_steps:
         assert s.kv_blocks_used <= e.num_gpu_blocks
-    # simulated time never decreases
-    starts = [s.t_start_s for s in res.steps]
-    assert all(a <= b for a, b in zip(starts, starts[1:]))
-    assert all(s.duration_s > 0 for s in res.steps)
+    # simulated time never decreases, on every instance
+    for steps in res.instance_steps:
+        starts = [s.t_start_s for s in steps]
+        assert all(a <= b for a, b in zip(starts, starts[1:]))
+    assert all(s.duration_s > 0 for s in all_steps)
+    # every request went to exactly one instance (none lost by the router)
+    assert all(0 <= r.instance < sc.deployment.instances for r in res.requests)
     # (the runner itself raises if any KV block is still in use at the end)
 
     # the same seed gives the same report
