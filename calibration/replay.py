@@ -61,6 +61,8 @@ class Trace:
 
 def trace_from(res: SimResult) -> Trace:
     if res.steps is None:
+        if res.instance_steps is not None:
+            raise ValueError("replay re-times one engine's steps; this run has several instances")
         raise ValueError("simulate(..., record_steps=True) is needed to build a trace")
     steps = res.steps
     reqs = sorted(res.requests, key=lambda r: (r.arrival_s, r.rid))

@@ -383,10 +383,36 @@ class StepTimeConfig(_Strict):
 
 
 class DeploymentConfig(_Strict):
-    """Identical engine instances (data parallelism) behind a router."""
+    """Identical engine instances (data parallelism) behind a router, or prefill/decode
+    disaggregation (`mode = "pd"`: `prefill_instances` P engines hand each request's KV to one
+    of `decode_instances` D engines)."""
 
+    mode: Literal["colocated", "pd"] = "colocated"
     instances: int = Field(1, ge=1)
     router: Literal["round_robin", "least_outstanding", "random"] = "round_robin"
+    prefill_instances: int = Field(1, ge=1)
+    decode_instances: int = Field(1, ge=1)
+    pd_design: Literal["sglang", "vllm"] | None = Field(
+        None, description="sglang: D pre-allocates prompt + reserved tokens before P starts and keeps "
+        "P's first token; vllm: P first, D allocates the whole prompt and recomputes the last token. "
+        "Default: the engine's own.")
+    reserved_decode_tokens: int = Field(512, ge=0, description="SGLANG_NUM_RESERVED_DECODE_TOKENS")
+
+
+class KVTransferConfig(_Strict):
+    """The link a request's KV crosses from P to D (one per prefill instance, FIFO)."""
+
+    latency_s: float = Field(0.001, ge=0)
+    bandwidth_gbps: float = Field(25.0, gt=0, description="GB/s per rank-to-rank link")
+    layerwise: bool = Field(False, description="push layer by layer during prefill (Mooncake layerwise)")
+    bytes_per_token: float | None = Field(None, gt=0, description="per rank; default from the model spec")
+
+
+class RoleConfig(_Strict):
+    """Overrides for the prefill or decode engines, merged over [engine] and [step_time]."""
+
+    engine: dict = Field(default_factory=dict)
+    step_time: dict = Field(default_factory=dict)
 
 
 class Scenario(_Strict):
@@ -394,6 +420,9 @@ class Scenario(_Strict):
     description: str = ""
     engine: EngineConfig
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    prefill: RoleConfig = Field(default_factory=RoleConfig)
+    decode: RoleConfig = Field(default_factory=RoleConfig)
+    kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
     workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
     step_time: StepTimeConfig = Field(default_factory=StepTimeConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
@@ -467,7 +496,37 @@ def scenario_from_dict(data: dict, origin: str = "scenario") -> Scenario:
         sc.step_time.build()
     except ValueError as exc:
         raise ScenarioError(f"{origin}: step_time: {exc}") from None
-    return sc.model_copy(update={"engine": resolve_engine_defaults(sc.engine)})
+    sc = sc.model_copy(update={"engine": resolve_engine_defaults(sc.engine)})
+    if sc.deployment.mode == "pd":
+        for role in ("prefill", "decode"):
+            role_config(sc, role, origin)  # fail early, naming the role
+    return sc
+
+
+def role_config(sc: Scenario, role: str, origin: str = "scenario") -> tuple[EngineConfig, StepTimeConfig]:
+    """The engine and step-time config of the prefill or decode engines of a PD deployment."""
+    over: RoleConfig = getattr(sc, role)
+    base_engine = sc.engine.model_dump(exclude_none=True)
+    base_engine.pop("max_total_tokens", None)  # resolved into kv_cache_tokens / max_model_len already
+    base_engine.pop("context_length", None)
+    for k in ("max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "chunked_prefill_size",
+              "max_prefill_tokens", "max_running_requests", "enable_mixed_chunk"):
+        if k in over.engine:
+            base_engine.pop(k, None)
+    if "kv_cache_tokens" in over.engine or "max_total_tokens" in over.engine:
+        base_engine.pop("num_gpu_blocks_override", None)
+        base_engine.pop("kv_cache_tokens", None)
+        base_engine.pop("max_total_tokens", None)
+    data = _deep_merge(base_engine, over.engine)
+    if "context_length" in over.engine:
+        data.pop("max_model_len", None)
+    try:
+        eng = resolve_engine_defaults(EngineConfig.model_validate(data))
+        st = StepTimeConfig.model_validate(_deep_merge(sc.step_time.model_dump(exclude_none=True), over.step_time))
+        st.build()
+    except (ValidationError, ValueError) as exc:
+        raise ScenarioError(f"{origin}: {role}: {exc}") from None
+    return eng, st
 
 
 def _kv_from_profile(data: dict, origin: str) -> dict:

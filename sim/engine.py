@@ -93,6 +93,7 @@ class Engine:
         self.max_batch_seqs = 0
         self._wakeup: simpy.Event | None = None
         self._after_idle = True
+        self.after_step: list[Callable[[], None]] = []  # e.g. PD: retry decode-side admission
         self.process = env.process(self._run())
 
     # --- arrivals -----------------------------------------------------------------
@@ -113,6 +114,10 @@ class Engine:
             self.on_done(req)
             return
         self.scheduler.add(req)
+        self.wake()
+
+    def wake(self) -> None:
+        """New work arrived (a request, or KV transferred in): end an idle wait."""
         if self._wakeup is not None and not self._wakeup.triggered:
             self._wakeup.succeed()
 
@@ -128,15 +133,25 @@ class Engine:
             if not batch.reqs:
                 if batch.preempted or rejected:
                     continue  # the queues changed; the next plan may admit someone
-                if sched.has_work():
-                    # running requests are always scheduled or preempted, so this means the
-                    # waiting head can never be admitted and nothing will ever free memory
-                    head = (sched.waiting or sched.running)[0]
-                    raise SimulationStuck(
-                        f"t={env.now:.3f}s: request {head.rid} ({head.num_tokens} tokens) can never "
-                        f"be scheduled: {sched.kv.num_free} of {sched.kv.num_blocks} KV blocks free, "
-                        "nothing running"
-                    )
+                if sched.has_work() and not sched.running:
+                    held_by_waiting = sum(r.num_blocks for r in sched.waiting)
+                    if sched.kv.num_used == held_by_waiting:
+                        # No KV is held by anything that will ever free it (a PD prefill job
+                        # waiting for its transfer would), so the waiting head can never run.
+                        head = sched.waiting[0]
+                        if not held_by_waiting:
+                            raise SimulationStuck(
+                                f"t={env.now:.3f}s: request {head.rid} ({head.num_tokens} tokens) can never "
+                                f"be scheduled: {sched.kv.num_free} of {sched.kv.num_blocks} KV blocks free, "
+                                "nothing running"
+                            )
+                        # PD decode side: requests whose KV arrived hold the pool while a preempted
+                        # request at the head waits for room. vLLM would wait forever; we fail it.
+                        sched.waiting.popleft()
+                        sched.reject(head, "KV deadlock on the decode instance: the head of the waiting "
+                                           f"queue needs more blocks than are free ({sched.kv.num_free}) and "
+                                           "the rest are held by requests queued behind it")
+                        continue
                 self._wakeup = env.event()
                 yield self._wakeup  # idle until the next arrival
                 self._wakeup = None
@@ -177,3 +192,5 @@ class Engine:
                 sched.release_finished(finished)
                 for req in finished:
                     self.on_done(req)
+            for hook in self.after_step:
+                hook()

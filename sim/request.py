@@ -38,6 +38,7 @@ class Request:
     num_blocks: int = 0  # KV blocks held
     num_preemptions: int = 0
     instance: int = -1  # which engine instance the router sent it to
+    hold_kv: bool = False  # a PD prefill job keeps its KV after finishing, until the transfer ends
     token_times: list[float] = field(default_factory=list)
     error: str = ""
     # recorded only with record_steps=True, for exact replay (calibration)

@@ -9,6 +9,7 @@ import simpy
 from .client import BenchmarkClient
 from .config import Scenario, _version_tuple
 from .deployment import Deployment
+from .pd import PDDeployment
 from .engine import SimulationStuck
 from .kv_cache import KVCache
 from .metrics import BenchmarkResult, calculate_metrics
@@ -28,7 +29,8 @@ class SimResult:
     peak_kv_blocks: int
     max_in_flight: int  # most requests in flight at one instant
     steps: list | None = None  # recorded steps of a single-instance run
-    instance_steps: list | None = None  # recorded steps per instance
+    instance_steps: list | None = None  # recorded steps per instance (PD: prefill engines first)
+    transfers: list | None = None  # PD: every KV transfer (request, link, start, end, bytes)
 
 
 def make_kv_cache(e) -> KVCache:
@@ -47,10 +49,20 @@ def simulate(sc: Scenario, record_steps: bool = False) -> SimResult:
     env = simpy.Environment()
     requests = build_requests(w)
     client = BenchmarkClient(env, requests, w.max_concurrency)
-    dep = Deployment(env, sc, client.on_done, record_steps)
+    pd = sc.deployment.mode == "pd"
+    dep = (PDDeployment if pd else Deployment)(env, sc, client.on_done, record_steps)
     client.start(dep.submit)
 
-    env.run(until=simpy.AnyOf(env, [client.all_done, *dep.processes]))
+    try:
+        env.run(until=simpy.AnyOf(env, [client.all_done, *dep.processes]))
+    except RuntimeError as exc:
+        if "No scheduled events left" not in str(exc):
+            raise
+        waiting = [r.rid for r in requests if not r.done]
+        raise SimulationStuck(
+            f"nothing can happen any more but {len(waiting)} request(s) never ended (first: {waiting[:5]}); "
+            "a queue is waiting for memory that will never be freed"
+        ) from None
     if not client.all_done.triggered:
         raise SimulationStuck("the engine stopped before every request ended")  # pragma: no cover
 
@@ -82,4 +94,5 @@ def simulate(sc: Scenario, record_steps: bool = False) -> SimResult:
         max_in_flight=client.max_in_flight,
         steps=engines[0].steps if len(engines) == 1 else None,
         instance_steps=[g.steps for g in engines] if record_steps else None,
+        transfers=dep.transfers if pd else None,
     )

@@ -81,7 +81,18 @@ def scenarios(draw):
         }
     deployment = {"instances": draw(st.integers(1, 3)),
                   "router": draw(st.sampled_from(["round_robin", "least_outstanding", "random"]))}
+    extra = {}
+    if draw(st.integers(0, 3)) == 0:  # prefill/decode disaggregation
+        deployment.update(mode="pd", instances=1, prefill_instances=draw(st.integers(1, 2)),
+                          decode_instances=draw(st.integers(1, 2)),
+                          pd_design=draw(st.sampled_from(["sglang", "vllm"])),
+                          reserved_decode_tokens=draw(st.sampled_from([0, 8, 512])))
+        extra["kv_transfer"] = {"latency_s": draw(st.sampled_from([0.0, 0.001, 0.05])),
+                                "bandwidth_gbps": draw(st.sampled_from([1e-6, 1e-3, 10.0])),
+                                "layerwise": draw(st.booleans()),
+                                "bytes_per_token": draw(st.sampled_from([1.0, 1000.0]))}
     return {
+        **extra,
         "engine": engine,
         "deployment": deployment,
         "workload": workload,
@@ -159,7 +170,17 @@ def check_invariants(data):
         assert all(a <= b for a, b in zip(starts, starts[1:]))
     assert all(s.duration_s > 0 for s in all_steps)
     # every request went to exactly one instance (none lost by the router)
-    assert all(0 <= r.instance < sc.deployment.instances for r in res.requests)
+    d = sc.deployment
+    n_inst = d.decode_instances if d.mode == "pd" else d.instances
+    assert all(0 <= r.instance < n_inst for r in res.requests if r.status is Status.FINISHED)
+    if d.mode == "pd":
+        # one transfer per request that reached D; a link carries one transfer at a time
+        finished = {r.rid for r in res.requests if r.status is Status.FINISHED}
+        moved = [t.rid for t in res.transfers]
+        assert len(moved) == len(set(moved)) and finished <= set(moved)
+        for link in range(d.prefill_instances):
+            spans = sorted((t.start_s, t.end_s) for t in res.transfers if t.link == link)
+            assert all(a_end <= b_start + 1e-12 for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
     # (the runner itself raises if any KV block is still in use at the end)
 
     # the same seed gives the same report

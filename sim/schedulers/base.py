@@ -61,8 +61,25 @@ class Scheduler:
     def release_finished(self, finished: list[Request]) -> None:
         """Called by the engine after a step: finished requests leave and free their KV."""
         for req in finished:
-            self.kv.free(req)
+            if not req.hold_kv:
+                self.kv.free(req)
         self.running = [r for r in self.running if r.status is not Status.FINISHED]
+
+    # --- the decode side of prefill/decode disaggregation ---------------------------------
+    def admit_transferred(self, req: Request, computed: int) -> None:
+        """A request whose prompt KV arrived from a prefill engine (blocks already allocated).
+
+        With the first token already sampled on P (SGLang keeps it) the request decodes from
+        here; with the last prompt token uncomputed it waits for a one-token step that samples
+        the first token (vLLM's D recomputes it and discards P's).
+        """
+        req.num_computed = computed
+        if req.output_len > 0:
+            req.status = Status.RUNNING
+            self.running.append(req)
+        else:
+            req.status = Status.WAITING
+            self.waiting.append(req)
 
     def reject(self, req: Request, reason: str) -> None:
         req.status = Status.FAILED
@@ -88,12 +105,14 @@ class Scheduler:
     def preempt_self(self, req: Request, batch: Batch) -> None:
         """`req` cannot get a slot even after every request behind it was preempted.
 
-        If it is also the only request holding KV, freeing and re-admitting it changes
-        nothing: it would be preempted again forever (real vLLM V0 livelocks here, e.g. a
-        one-block pool under its touched-block rule). The simulator never hangs, so such a
-        request is rejected instead, with the reason.
+        If every other block is held by waiting requests (PD: requests whose KV arrived, queued
+        behind it), nothing will ever free memory for it: re-admitting it changes nothing and
+        it would be preempted again forever (real vLLM livelocks here, e.g. a one-block V0
+        pool under the touched-block rule, or a decode instance whose pool is full of
+        transferred requests). The simulator never hangs, so such a request is rejected
+        instead, with the reason.
         """
-        if self.kv.num_used == req.num_blocks:
+        if self.kv.num_used - req.num_blocks == sum(r.num_blocks for r in self.waiting):
             self.reject(req, f"request needs more KV blocks than the cache has ({self.kv.num_blocks} blocks of "
                              f"{self.kv.block_size} tokens) even with nothing else running")
             return
