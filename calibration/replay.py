@@ -24,7 +24,7 @@ from sim.runner import SimResult
 
 @dataclass
 class Trace:
-    features: np.ndarray  # (n_steps, 5): see sim.perf_model.features
+    features: np.ndarray  # (n_steps, 6): see sim.perf_model.features
     wake_s: np.ndarray  # (n_steps,): arrival time that started the step after idling, else -inf
     recorded_dt: np.ndarray  # step durations of the recorded run
     # requests, in dispatch order
@@ -51,6 +51,7 @@ class Trace:
             inside = np.ones(len(tok), dtype=bool)
             inside[ptr[:-1][ptr[1:] > ptr[:-1]]] = False  # a request's first token opens no gap
             pairs = np.stack([tok[:-1], tok[1:]], axis=1)[inside[1:]] if len(tok) > 1 else np.empty((0, 2), int)
+            pairs = pairs[pairs[:, 0] != pairs[:, 1]]  # tokens of one step arrive as one chunk
             uniq, counts = np.unique(pairs, axis=0, return_counts=True)
             self.gap_from, self.gap_to, self.gap_count = uniq[:, 0], uniq[:, 1], counts
 

@@ -67,6 +67,10 @@ class EngineConfig(_Strict):
     max_total_tokens: int | None = Field(None, gt=0, description="SGLang's KV pool size in tokens")
     schedule_conservativeness: float = Field(1.0, gt=0)
     enable_mixed_chunk: bool | None = None
+    # speculative decoding / MTP: k draft tokens verified per decode step
+    num_speculative_tokens: int = Field(0, ge=0)
+    spec_acceptance_rate: float | None = Field(None, ge=0, le=1, description="P(accept draft i | drafts < i accepted)")
+    spec_acceptance: list[float] | None = Field(None, description="per-position conditional acceptance")
 
     @model_validator(mode="after")
     def _check(self):
@@ -88,6 +92,16 @@ class EngineConfig(_Strict):
                 self.kv_cache_tokens = self.max_total_tokens
         if self.max_model_len is None:
             raise ValueError("max_model_len is required (SGLang: context_length)")
+        k = self.num_speculative_tokens
+        if k:
+            if self.scheduler == "vllm-v0":
+                raise ValueError("num_speculative_tokens: speculative decoding is modelled for vllm-v1 and sglang")
+            if self.spec_acceptance is None:
+                if self.spec_acceptance_rate is None:
+                    raise ValueError("num_speculative_tokens needs spec_acceptance_rate or spec_acceptance")
+                self.spec_acceptance = [self.spec_acceptance_rate] * k
+            if len(self.spec_acceptance) != k or not all(0 <= p <= 1 for p in self.spec_acceptance):
+                raise ValueError(f"spec_acceptance: {k} probabilities in [0, 1], one per draft position")
         if self.block_size is None:
             self.block_size = 1 if sglang else 16
         if (self.num_gpu_blocks_override is None) == (self.kv_cache_tokens is None):

@@ -46,9 +46,10 @@ class Deployment:
         self.on_done = on_done
         self.router = Router(d.router, d.instances, sc.workload.seed)
         self.engines: list[Engine] = []
-        for _ in range(d.instances):
+        for i in range(d.instances):
             sched = make_scheduler(e, make_kv_cache(e))
-            self.engines.append(Engine(env, sched, sc.step_time.build(), e.max_model_len, self._done, record_steps))
+            self.engines.append(Engine(env, sched, sc.step_time.build(), e.max_model_len, self._done, record_steps,
+                                       spec_seed=sc.workload.seed * 1000 + i))
 
     def submit(self, req: Request) -> None:
         i = self.router.pick()

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import random
+
 import simpy
 
 from .request import Request, Status
@@ -81,6 +83,7 @@ class Engine:
         max_model_len: int,
         on_done: Callable[[Request], None],
         record_steps: bool = False,
+        spec_seed: int = 0,
     ):
         self.env = env
         self.scheduler = scheduler
@@ -94,6 +97,9 @@ class Engine:
         self._wakeup: simpy.Event | None = None
         self._after_idle = True
         self.after_step: list[Callable[[], None]] = []  # e.g. PD: retry decode-side admission
+        cfg = scheduler.cfg
+        self.spec_acceptance = list(cfg.spec_acceptance or []) if cfg.num_speculative_tokens else []
+        self._spec_rng = random.Random(spec_seed)
         self.process = env.process(self._run())
 
     # --- arrivals -----------------------------------------------------------------
@@ -120,6 +126,12 @@ class Engine:
         """New work arrived (a request, or KV transferred in): end an idle wait."""
         if self._wakeup is not None and not self._wakeup.triggered:
             self._wakeup.succeed()
+
+    def _accepted_drafts(self, k: int) -> int:
+        a = 0
+        while a < k and self._spec_rng.random() < self.spec_acceptance[a]:
+            a += 1
+        return a
 
     # --- the step loop --------------------------------------------------------------
     def _run(self):
@@ -177,17 +189,24 @@ class Engine:
             step_index = self.num_steps - 1
 
             finished = []
-            for req, n in zip(batch.reqs, batch.num_new):
-                req.num_computed += n
-                if req.num_computed == req.num_tokens:
-                    # all KV present: the model samples one token, streamed to the client now
-                    req.output_len += 1
-                    req.token_times.append(now)
-                    if self.steps is not None:
-                        req.token_steps.append(step_index)
-                    if req.output_len >= req.max_tokens:
-                        req.status = Status.FINISHED
-                        finished.append(req)
+            for req, n, decode in zip(batch.reqs, batch.num_new, batch.decode):
+                if decode and n > 1:
+                    # speculative decode: drafts are accepted in order until the first rejection;
+                    # the accepted ones plus one new token arrive together, as one stream chunk
+                    emitted = min(1 + self._accepted_drafts(n - 1), req.max_tokens - req.output_len)
+                    req.num_computed += emitted
+                else:
+                    req.num_computed += n
+                    if req.num_computed != req.num_tokens:
+                        continue  # a prefill chunk: no token yet
+                    emitted = 1  # all KV present: the model samples one token, streamed now
+                req.output_len += emitted
+                req.token_times.extend([now] * emitted)
+                if self.steps is not None:
+                    req.token_steps.extend([step_index] * emitted)
+                if req.output_len >= req.max_tokens:
+                    req.status = Status.FINISHED
+                    finished.append(req)
             if finished:
                 sched.release_finished(finished)
                 for req in finished:

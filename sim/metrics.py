@@ -48,7 +48,13 @@ def request_table(requests: list[Request]) -> pd.DataFrame:
 
 
 def pooled_itls_s(requests: list[Request]) -> np.ndarray:
-    gaps = [np.diff(r.token_times) for r in requests if r.status is Status.FINISHED and len(r.token_times) > 1]
+    """One gap per streamed chunk, as the client measures it; tokens that arrive in the same
+    step (speculative decoding) come in one chunk."""
+    gaps = []
+    for r in requests:
+        if r.status is Status.FINISHED and len(r.token_times) > 1:
+            d = np.diff(r.token_times)
+            gaps.append(d[d > 0])
     return np.concatenate(gaps) if gaps else np.empty(0)
 
 

@@ -58,7 +58,8 @@ class PDDeployment:
         self.prefill = [Engine(env, make_scheduler(p_eng, make_kv_cache(p_eng)), p_model, p_eng.max_model_len,
                                self._prefilled, record_steps) for _ in range(d.prefill_instances)]
         self.decode = [Engine(env, make_scheduler(d_eng, make_kv_cache(d_eng)), d_model, d_eng.max_model_len,
-                              self._decoded, record_steps) for _ in range(d.decode_instances)]
+                              self._decoded, record_steps, spec_seed=sc.workload.seed * 1000 + i)
+                       for i in range(d.decode_instances)]
         self.p_router = Router(d.router, d.prefill_instances, sc.workload.seed)
         self.d_router = Router(d.router, d.decode_instances, sc.workload.seed + 1)
         self.links = [simpy.Resource(env, capacity=1) for _ in self.prefill]

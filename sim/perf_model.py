@@ -46,15 +46,16 @@ from .step_time import BatchShape
 GIB = 1024**3
 
 # columns of a step-feature matrix (see `features`)
-SEQS, PREFILL_TOKENS, PREFILL_PAIRS, DECODE_SEQS, DECODE_CTX = range(5)
+SEQS, PREFILL_TOKENS, PREFILL_PAIRS, DECODE_SEQS, DECODE_CTX, SPEC_TOKENS = range(6)
 
 
 def features(shapes: list[BatchShape]) -> np.ndarray:
-    """Stack batch shapes into an (n_steps, 5) float matrix for vectorised step times."""
+    """Stack batch shapes into an (n_steps, 6) float matrix for vectorised step times."""
     return np.array(
-        [(s.num_seqs, s.prefill_tokens, s.prefill_attn_pairs, s.decode_seqs, s.decode_ctx_tokens) for s in shapes],
+        [(s.num_seqs, s.prefill_tokens, s.prefill_attn_pairs, s.decode_seqs, s.decode_ctx_tokens, s.spec_tokens)
+         for s in shapes],
         dtype=float,
-    ).reshape(-1, 5)
+    ).reshape(-1, 6)
 
 
 # --- specs -------------------------------------------------------------------------------
@@ -286,7 +287,7 @@ class RooflineStepTime:
     # scalar path, called once per simulated step
     def step_time(self, b: BatchShape) -> float:
         c = self.coeffs
-        tokens = b.prefill_tokens + b.decode_seqs
+        tokens = b.prefill_tokens + b.decode_seqs + b.spec_tokens
         t_compute = (
             self._s_per_token_flop * tokens
             + self._s_per_seq_flop * b.num_seqs
@@ -302,7 +303,7 @@ class RooflineStepTime:
     # vectorised path for calibration (same arithmetic on columns)
     def step_times(self, f: np.ndarray, coeffs: RooflineCoefficients | None = None) -> np.ndarray:
         c = coeffs or self.coeffs
-        tokens = f[:, PREFILL_TOKENS] + f[:, DECODE_SEQS]
+        tokens = f[:, PREFILL_TOKENS] + f[:, DECODE_SEQS] + f[:, SPEC_TOKENS]
         t_compute = (
             self._s_per_token_flop * tokens
             + self._s_per_seq_flop * f[:, SEQS]

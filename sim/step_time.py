@@ -20,10 +20,11 @@ class BatchShape:
     prefill_attn_pairs: float = 0.0  # Σ over chunks of query×key pairs (causal)
     decode_seqs: int = 0  # requests computing exactly one token
     decode_ctx_tokens: int = 0  # Σ context length those decodes attend over
+    spec_tokens: int = 0  # draft tokens verified on top of one token per decode (speculative decoding)
 
     @property
     def num_tokens(self) -> int:
-        return self.prefill_tokens + self.decode_seqs
+        return self.prefill_tokens + self.decode_seqs + self.spec_tokens
 
     def add_chunk(self, num_computed: int, num_new: int, decode: bool | None = None) -> None:
         """Account a request computing `num_new` tokens after `num_computed` cached ones.
@@ -37,6 +38,9 @@ class BatchShape:
         if decode:
             self.decode_seqs += 1
             self.decode_ctx_tokens += num_computed + 1
+            if num_new > 1:  # verifying drafts: extra query tokens over the same context
+                self.spec_tokens += num_new - 1
+                self.prefill_attn_pairs += (num_new - 1) * (num_computed + 1)
         else:
             self.prefill_tokens += num_new
             # each new token attends to the cached context and to the new tokens before it
@@ -82,7 +86,7 @@ class StepTimeParams:
         return (
             self.step_overhead_s
             + self.per_seq_s * b.num_seqs
-            + self.per_prefill_token_s * b.prefill_tokens
+            + self.per_prefill_token_s * (b.prefill_tokens + b.spec_tokens)
             + self.per_decode_seq_s * b.decode_seqs
             + self.per_prefill_attn_pair_s * b.prefill_attn_pairs
             + self.per_decode_ctx_token_s * b.decode_ctx_tokens
@@ -93,7 +97,7 @@ class StepTimeParams:
         return (
             self.step_overhead_s
             + self.per_seq_s * f[:, 0]
-            + self.per_prefill_token_s * f[:, 1]
+            + self.per_prefill_token_s * (f[:, 1] + f[:, 5])
             + self.per_prefill_attn_pair_s * f[:, 2]
             + self.per_decode_seq_s * f[:, 3]
             + self.per_decode_ctx_token_s * f[:, 4]

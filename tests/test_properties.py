@@ -79,6 +79,9 @@ def scenarios(draw):
             "max_num_batched_tokens": budget,
             "num_gpu_blocks_override": num_blocks,
         }
+    if scheduler != "vllm-v0" and draw(st.booleans()):
+        engine.update(num_speculative_tokens=draw(st.integers(1, 3)),
+                      spec_acceptance_rate=draw(st.sampled_from([0.0, 0.6, 1.0])))
     deployment = {"instances": draw(st.integers(1, 3)),
                   "router": draw(st.sampled_from(["round_robin", "least_outstanding", "random"]))}
     extra = {}

@@ -18,6 +18,7 @@ class Batch:
     num_new: list[int] = field(default_factory=list)
     shape: BatchShape = field(default_factory=BatchShape)
     preempted: list[Request] = field(default_factory=list)
+    decode: list[bool] = field(default_factory=list)  # per request: a decode (maybe verifying drafts)
 
     def add(self, req: Request, n: int, decode: bool | None = None) -> None:
         """`decode`: the scheduler's own word; by default, one token after a generated one."""
@@ -25,6 +26,7 @@ class Batch:
         self.num_new.append(n)
         if decode is None:
             decode = n == 1 and req.output_len > 0 and req.num_computed == req.num_tokens - 1
+        self.decode.append(decode)
         self.shape.add_chunk(req.num_computed, n, decode)
 
     def __len__(self) -> int:

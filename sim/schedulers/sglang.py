@@ -128,22 +128,24 @@ class SglangScheduler(Scheduler):
 
     # --- decode --------------------------------------------------------------------------------
     def _add_decodes(self, batch: Batch, reqs: list[Request]) -> None:
+        n = 1 + self.cfg.num_speculative_tokens  # with MTP/EAGLE every decode verifies its drafts
         for req in reqs:
-            self.kv.allocate(req, req.num_computed + 1)
-            batch.add(req, 1, decode=True)
+            self.kv.allocate(req, req.num_computed + n)
+            batch.add(req, n, decode=True)
 
     def _decode_batch(self) -> Batch:
         batch = Batch()
         decoding = [r for r in self.running if r is not self.chunked_req]
         if not decoding:
             return batch
-        if self.kv.num_free < len(decoding):  # check_decode_mem: one free slot per request
+        per_req = 1 + self.cfg.num_speculative_tokens
+        if self.kv.num_free * self.kv.block_size < len(decoding) * per_req:  # check_decode_mem
             decoding = self._retract(decoding, batch)
             self.new_token_ratio = self._ratio_after_retract(decoding)
-            if self.kv.num_free < len(decoding) and self.chunked_req is not None:
+            if self.kv.num_free * self.kv.block_size < len(decoding) * per_req and self.chunked_req is not None:
                 self._requeue(self.chunked_req)  # SGLang would assert here; the simulator makes room
                 self.chunked_req = None
-            if self.kv.num_free < len(decoding):
+            if self.kv.num_free * self.kv.block_size < len(decoding) * per_req:
                 for req in decoding:  # one request left and no slot: it can never finish
                     self.running.remove(req)
                     self.reject(req, f"request needs more KV than the pool holds ({self.kv.capacity_tokens} tokens)")
@@ -159,7 +161,7 @@ class SglangScheduler(Scheduler):
         Retracted requests free their KV and go to the tail of the waiting queue."""
         order = sorted(decoding, key=lambda r: (r.output_len, -r.prompt_len), reverse=True)
         first = True
-        while first or self.kv.num_free < len(order) * RETRACT_DECODE_STEPS:
+        while first or self.kv.num_free * self.kv.block_size < len(order) * RETRACT_DECODE_STEPS:
             if len(order) == 1:
                 break
             first = False

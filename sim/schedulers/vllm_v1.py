@@ -17,6 +17,8 @@ class VllmV1Scheduler(Scheduler):
 
     def _num_new_tokens(self, req, token_budget: int) -> int:
         n = req.num_tokens - req.num_computed
+        if n == 1 and req.output_len > 0:
+            n += self.cfg.num_speculative_tokens  # a decode verifies its draft tokens too
         threshold = self.cfg.long_prefill_token_threshold
         if threshold > 0:
             n = min(n, threshold)
@@ -49,7 +51,8 @@ class VllmV1Scheduler(Scheduler):
                 self.preempt(victim, batch)
             if not scheduled:
                 break
-            batch.add(req, n)
+            is_decode = req.output_len > 0 and req.num_computed == req.num_tokens - 1
+            batch.add(req, n, decode=is_decode)
             token_budget -= n
             i += 1
 
