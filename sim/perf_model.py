@@ -33,7 +33,6 @@ of it is visibly wrong (`plausibility_warnings`).
 
 from __future__ import annotations
 
-import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
@@ -345,6 +344,3 @@ class RooflineStepTime:
                 out.append(f"{name} = {v:.4g} is outside its plausible range [{lo}, {hi}]")
         return out
 
-
-def is_finite_positive(x: float) -> bool:
-    return math.isfinite(x) and x > 0
