@@ -109,6 +109,10 @@ class StepTimeFit:
     seeds: tuple[int, ...] = (0,)
     kv_bounds: tuple[int, int] | None = None  # fit KV capacity (tokens) within these bounds
     kv_grid: int = 7
+    # The engine's own memory-formula estimate of the pool, when its formula has no unknowns
+    # (SGLang: mem_fraction_static x memory - weights). Among capacities the training rows cannot
+    # tell apart, the one nearest this is kept; without it, the smallest one is.
+    kv_prior: int | None = None
     n_starts: int = 4
     random_state: int = 0
     processes: int | None = None
@@ -162,6 +166,10 @@ class StepTimeFit:
         hws = [self.hardware] if isinstance(self.hardware, str) else list(self.hardware)
         kvs = [None] if self.kv_bounds is None else [
             int(round(v / 16) * 16) for v in np.geomspace(self.kv_bounds[0], self.kv_bounds[1], self.kv_grid)]
+        if self.kv_prior is not None:
+            if self.kv_bounds is None or not self.kv_bounds[0] <= self.kv_prior <= self.kv_bounds[1]:
+                raise ValueError(f"kv_prior {self.kv_prior} must lie inside kv_bounds {self.kv_bounds}")
+            kvs = sorted(set(kvs) | {int(self.kv_prior)})
         procs = self.processes or os.cpu_count() or 1
         best = None
         self.candidates_ = []
@@ -174,7 +182,10 @@ class StepTimeFit:
                 if best is None or cand["objective"] < best["objective"] * (1 - _TIE):
                     best = cand
             if self.kv_bounds is not None and best["hardware"] == hw:
-                best = self._refine_kv(cases, hw, st, procs, tried, best)
+                if self.kv_prior is None:
+                    best = self._refine_kv(cases, hw, st, procs, tried, best)
+                else:
+                    best = self._nearest_prior(tried, best)
         self.coeffs_, self.hardware_, self.kv_cache_tokens_, self.loss_ = (
             best["coeffs"], best["hardware"], best["kv_cache_tokens"], best["loss"])
         return self
@@ -187,6 +198,12 @@ class StepTimeFit:
                 **coeffs.as_dict(), "coeffs": coeffs}
         self.candidates_.append({k: v for k, v in cand.items() if k != "coeffs"})
         return cand
+
+    def _nearest_prior(self, tried, best) -> dict:
+        """Of the capacities that fit as well as the best (within the tie tolerance), the one
+        closest (in ratio) to the memory-formula estimate."""
+        tied = [c for c in tried if c["objective"] <= best["objective"] * (1 + _TIE)]
+        return min(tied, key=lambda c: abs(math.log(c["kv_cache_tokens"] / self.kv_prior)))
 
     def _refine_kv(self, cases, hw, st, procs, tried, best, steps: int = 4) -> dict:
         """Bisect between the largest grid capacity that fits worse and the chosen one, so the

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from sim.config import _read_toml
+from sim.perf_model import kv_capacity_tokens, load_hardware_spec, load_model_spec
 
 from .fit import DEFAULT_METRICS, SIM_KEY, RowCase
 from .tables import load_table
@@ -40,9 +41,25 @@ class Split:
     metrics: tuple[str, ...] = DEFAULT_METRICS
     seeds: tuple[int, ...] = (0,)
     kv_bounds: tuple[int, int] | None = None
+    # {memory_fraction, reserve_gib}: the engine's memory formula, when it has no unknowns
+    kv_prior: dict | None = None
     targets: dict[str, float] = field(default_factory=dict)  # metric -> max median APE (%) on predicted rows
     count_targets: dict[str, list[float]] = field(default_factory=dict)  # row -> [measured, tolerance]
     notes: str = ""
+
+
+    def kv_prior_tokens(self) -> int | None:
+        """The pool the engine's memory formula gives for this split's model, hardware and TP."""
+        if not self.kv_prior:
+            return None
+        if not isinstance(self.hardware, str):
+            raise ValueError(f"split {self.name}: kv_prior needs one hardware, not {self.hardware}")
+        extra = set(self.kv_prior) - {"memory_fraction", "reserve_gib"}
+        if extra or "memory_fraction" not in self.kv_prior:
+            raise ValueError(f"split {self.name}: kv_prior takes memory_fraction and reserve_gib, got {sorted(self.kv_prior)}")
+        tokens = kv_capacity_tokens(load_model_spec(self.model), load_hardware_spec(self.hardware), self.tp,
+                                    float(self.kv_prior["memory_fraction"]), float(self.kv_prior.get("reserve_gib", 0.0)))
+        return int(round(tokens / 16) * 16)
 
 
 def splits_dir() -> Path:

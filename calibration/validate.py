@@ -40,6 +40,15 @@ class ValidationResult:
         return not self.failures
 
 
+def _kv_line(f: StepTimeFit) -> str:
+    if not f.kv_cache_tokens_:
+        return "as stated in the scenarios"
+    if f.kv_prior:
+        return (f"{f.kv_cache_tokens_} tokens (the engine's memory formula gives {f.kv_prior}; "
+                "the fit checks the training rows agree)")
+    return f"{f.kv_cache_tokens_} tokens (fitted)"
+
+
 def validate(split_name: str, processes: int | None = None, progress: bool = True,
              write_profile: bool = True, out_dir: Path | None = None) -> ValidationResult:
     t0 = time.perf_counter()
@@ -47,7 +56,8 @@ def validate(split_name: str, processes: int | None = None, progress: bool = Tru
     all_cases, _ = cases(split)
     train = [c for c in all_cases if c.row_id in split.train]
     fitter = StepTimeFit(model=split.model, hardware=split.hardware, tp=split.tp, metrics=split.metrics,
-                         seeds=split.seeds, kv_bounds=split.kv_bounds, processes=processes, progress=progress)
+                         seeds=split.seeds, kv_bounds=split.kv_bounds,
+                         kv_prior=split.kv_prior_tokens(), processes=processes, progress=progress)
     fitter.fit(train)
     pred = fitter.predict(all_cases)
     pred["train"] = pred["row_id"].isin(split.train)
@@ -115,7 +125,7 @@ def write_report(res: ValidationResult, out: Path) -> None:
         lines += ["", "Missed: " + "; ".join(res.failures)]
     lines += ["", "## Fitted parameters", "",
               f"Hardware: `{f.hardware_}`" + (f" (candidates: {', '.join(f.candidates_hw())})" if len(f.candidates_) > 1 else ""),
-              f"KV cache: {str(f.kv_cache_tokens_) + ' tokens (fitted)' if f.kv_cache_tokens_ else 'as stated in the scenarios'}",
+              f"KV cache: {_kv_line(f)}",
               f"Training loss (mean squared log ratio): {f.loss_:.5f}", "",
               "| parameter | value |", "| --- | --- |"]
     for k, v in f.coeffs_.as_dict().items():
@@ -130,8 +140,9 @@ def write_report(res: ValidationResult, out: Path) -> None:
         lines += ["", "Not identifiable from these rows: " + ", ".join(
             f"{c['hardware']}" + (f" with KV {c['kv_cache_tokens']}" if c["kv_cache_tokens"] else "")
             for c in ties) + " fit within 2 % of the best training loss. Among ties the fit keeps the first "
-            "hardware listed and the smallest KV capacity (the least memory that explains the rows); "
-            "that is a rule, not evidence."]
+            "hardware listed and " + ("the KV capacity nearest the engine's memory formula" if f.kv_prior
+                                      else "the smallest KV capacity (the least memory that explains the rows)")
+            + "; that is a rule, not evidence."]
     warns = f.warnings()
     if warns:
         lines += ["", "Warnings: " + "; ".join(warns)]

@@ -22,9 +22,13 @@ class BenchmarkClient:
         env: simpy.Environment,
         requests: list[Request],
         max_concurrency: int | None,
+        think_time_s: float = 0.0,
     ):
         self.env = env
-        self.requests = sorted(requests, key=lambda r: r.arrival_s)
+        # later turns of a conversation are sent when the turn before them completes
+        self.requests = sorted((r for r in requests if r.follows < 0), key=lambda r: r.arrival_s)
+        self.next_turn = {r.follows: r for r in requests if r.follows >= 0}
+        self.think_time_s = think_time_s
         self.permits = simpy.Container(env, capacity=max_concurrency, init=max_concurrency) if max_concurrency else None
         self.all_done = env.event()
         self._left = len(requests)
@@ -53,11 +57,25 @@ class BenchmarkClient:
                 yield self.permits.get(1)
                 if k >= self.permits.capacity:
                     req.permit_from = self._releases.popleft()
-            req.start_s = env.now
-            self.in_flight += 1
-            if self.in_flight > self.max_in_flight:
-                self.max_in_flight = self.in_flight
-            self.submit(req)
+            self._send(req)
+
+    def _follow_up(self, prev: Request, req: Request):
+        """The next turn: the conversation so far (prompt and reply) plus a new message."""
+        yield self.env.timeout(self.think_time_s)
+        req.prompt_len = prev.prompt_len + prev.output_len + req.new_message_len
+        req.segments = (*prev.segments, (prev.out_segment, prev.output_len), (2 * req.rid + 1, req.new_message_len))
+        req.arrival_s = self.env.now
+        if self.permits is not None:
+            yield self.permits.get(1)
+            req.permit_from = self._releases.popleft()
+        self._send(req)
+
+    def _send(self, req: Request) -> None:
+        req.start_s = self.env.now
+        self.in_flight += 1
+        if self.in_flight > self.max_in_flight:
+            self.max_in_flight = self.in_flight
+        self.submit(req)
 
     def on_done(self, req: Request) -> None:
         """The response stream ended (completed or failed)."""
@@ -66,5 +84,8 @@ class BenchmarkClient:
             self._releases.append(req.rid)
             self.permits.put(1)
         self._left -= 1
+        nxt = self.next_turn.pop(req.rid, None)
+        if nxt is not None:
+            self.env.process(self._follow_up(req, nxt))
         if self._left == 0:
             self.all_done.succeed()

@@ -37,9 +37,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
 
 
-VLLM_ONLY = ("max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "num_gpu_blocks_override")
+VLLM_ONLY = ("max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "num_gpu_blocks_override",
+             "enable_prefix_caching")
 SGLANG_ONLY = ("chunked_prefill_size", "max_prefill_tokens", "max_running_requests", "enable_mixed_chunk",
-               "max_total_tokens", "context_length")
+               "max_total_tokens", "context_length", "disable_radix_cache")
 
 
 class EngineConfig(_Strict):
@@ -59,6 +60,7 @@ class EngineConfig(_Strict):
     enable_chunked_prefill: bool | None = None
     long_prefill_token_threshold: int = Field(0, ge=0)
     num_gpu_blocks_override: int | None = Field(None, gt=0)
+    enable_prefix_caching: bool | None = Field(None, description="default: on for vllm-v1, off for vllm-v0")
     # SGLang
     context_length: int | None = Field(None, gt=0)
     chunked_prefill_size: int | None = Field(None, description="-1 disables chunking")
@@ -67,6 +69,8 @@ class EngineConfig(_Strict):
     max_total_tokens: int | None = Field(None, gt=0, description="SGLang's KV pool size in tokens")
     schedule_conservativeness: float = Field(1.0, gt=0)
     enable_mixed_chunk: bool | None = None
+    disable_radix_cache: bool | None = Field(None, description="default: false (the radix prefix cache is on)")
+    radix_chunk_tokens: int = Field(16, gt=0, description="granularity at which the simulated radix cache matches")
     # speculative decoding / MTP: k draft tokens verified per decode step
     num_speculative_tokens: int = Field(0, ge=0)
     spec_acceptance_rate: float | None = Field(None, ge=0, le=1, description="P(accept draft i | drafts < i accepted)")
@@ -151,7 +155,14 @@ def resolve_engine_defaults(e: EngineConfig) -> EngineConfig:
             seqs = 1024 if (big_gpu and v >= (0, 9)) else 256
             if v >= (0, 10):
                 seqs = min(seqs, budget)
-    upd.update(enable_chunked_prefill=chunking, max_num_batched_tokens=budget, max_num_seqs=seqs)
+    caching = e.enable_prefix_caching
+    if caching is None:
+        caching = e.scheduler == "vllm-v1"  # V1 caches prefixes by default; V0 did not
+    if caching and e.scheduler == "vllm-v0":
+        raise ScenarioError("engine.enable_prefix_caching: prefix caching is modelled for vllm-v1 and sglang, "
+                            "not for the V0 block manager")
+    upd.update(enable_chunked_prefill=chunking, max_num_batched_tokens=budget, max_num_seqs=seqs,
+               enable_prefix_caching=caching)
     e = e.model_copy(update=upd)
     _verify_engine(e)
     return e
@@ -184,6 +195,8 @@ def _resolve_sglang(e: EngineConfig, v: tuple[int, ...]) -> EngineConfig:
         upd["max_running_requests"] = max(1, min(pool // 2, req_pool))
     if e.enable_mixed_chunk is None:
         upd["enable_mixed_chunk"] = False
+    if e.disable_radix_cache is None:
+        upd["disable_radix_cache"] = False
     e = e.model_copy(update=upd)
     if e.chunked_prefill_size > 0 and e.chunked_prefill_size % e.block_size:
         raise ScenarioError(
@@ -243,7 +256,10 @@ class WorkloadConfig(_Strict):
     random_input_len: int = Field(1024, ge=1)
     random_output_len: int = Field(128, ge=1)
     random_range_ratio: float | None = Field(None, ge=0)
-    random_prefix_len: int = Field(0, ge=0)
+    random_prefix_len: int = Field(0, ge=0, description="a prefix shared by every prompt (vLLM --random-prefix-len)")
+    turns: int = Field(1, ge=1, description="random dataset: conversations of this many turns, each turn's "
+                       "prompt holding the whole conversation so far; a turn is sent when the previous completes")
+    think_time_s: float = Field(0.0, ge=0, description="pause between a reply and the next turn")
     # Without --ignore-eos (vLLM's default) a real model may stop before max_tokens. When a
     # measured run reports a mean output length below the requested one, set it here: a share
     # of requests stops early, at a uniformly drawn length, the rest run to their requested
@@ -279,6 +295,8 @@ class WorkloadConfig(_Strict):
                 raise ValueError("output_len_mean describes outputs ended by EOS; it contradicts ignore_eos = true")
             if self.dataset_name != "random":
                 raise ValueError("output_len_mean applies to the random dataset")
+        if self.turns > 1 and self.dataset_name != "random":
+            raise ValueError("turns: multi-turn conversations are built from the random dataset")
         if self.num_prompts is None and self.dataset_name != "trace":
             self.num_prompts = 1000
         return self

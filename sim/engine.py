@@ -189,14 +189,19 @@ class Engine:
             step_index = self.num_steps - 1
 
             finished = []
+            cache = sched.kv.prefix
             for req, n, decode in zip(batch.reqs, batch.num_new, batch.decode):
                 if decode and n > 1:
                     # speculative decode: drafts are accepted in order until the first rejection;
                     # the accepted ones plus one new token arrive together, as one stream chunk
                     emitted = min(1 + self._accepted_drafts(n - 1), req.max_tokens - req.output_len)
                     req.num_computed += emitted
+                    if cache is not None:
+                        cache.register(req)
                 else:
                     req.num_computed += n
+                    if cache is not None:
+                        cache.register(req)  # full chunks of computed KV become reusable
                     if req.num_computed != req.num_tokens:
                         continue  # a prefill chunk: no token yet
                     emitted = 1  # all KV present: the model samples one token, streamed now

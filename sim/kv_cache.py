@@ -1,7 +1,8 @@
 """Paged KV cache: a pool of fixed-size blocks, counted per request.
 
-Only counts are simulated (which physical block holds what does not change timing
-without prefix caching). Every mutation checks the pool's invariants, so a scheduler
+Only counts are simulated (which physical block holds what does not change timing);
+with prefix caching, `prefix_cache.PrefixCache` also tracks which free blocks still hold
+reusable content and in what order they are evicted. Every mutation checks the pool's invariants, so a scheduler
 bug shows up as an exception at the step that caused it rather than as a wrong number.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from enum import Enum
 
+from .prefix_cache import PrefixCache
 from .request import Request
 
 
@@ -25,7 +27,8 @@ class KVCacheError(RuntimeError):
 
 
 class KVCache:
-    def __init__(self, num_blocks: int, block_size: int, watermark: float = 0.0, preallocate_tokens: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, watermark: float = 0.0, preallocate_tokens: int = 0,
+                 prefix_chunk_blocks: int = 0):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("KV cache needs a positive number of blocks and block size")
         self.num_blocks = num_blocks
@@ -37,6 +40,10 @@ class KVCache:
         # vLLM V1 up to 0.8.x (`num_preallocate_tokens=64`): whenever a request needs new blocks
         # it takes this many tokens' worth more, if free, to allocate less often
         self.preallocate_blocks = -(-preallocate_tokens // block_size)
+        # prefix caching (0: off): cached chunks of this many blocks stay in the free pool until evicted
+        self.prefix = PrefixCache(prefix_chunk_blocks, block_size) if prefix_chunk_blocks else None
+        if self.prefix:
+            self.prefix.give(num_blocks)
 
     @property
     def num_used(self) -> int:
@@ -76,14 +83,36 @@ class KVCache:
         return touched <= self.num_free
 
     # --- shared by every engine ------------------------------------------------
-    def allocate(self, req: Request, num_tokens: int) -> bool:
-        """Grow `req`'s blocks to hold `num_tokens` tokens; False (no change) if short."""
+    def lookup(self, req: Request) -> tuple[list, int]:
+        """Cached chunks a waiting request can reuse, and how many prompt tokens they cover."""
+        if self.prefix is None:
+            return [], 0
+        keys = self.prefix.lookup(req)
+        return keys, len(keys) * self.prefix.chunk_tokens
+
+    def allocate(self, req: Request, num_tokens: int, hit: list | None = None) -> bool:
+        """Grow `req`'s blocks to hold `num_tokens` tokens; False (no change) if short.
+
+        `hit`: cached chunks from `lookup` to reference first (admission); their tokens count
+        as computed, and the blocks they take out of the free pool count against it.
+        """
+        if hit:
+            hit_blocks = len(hit) * self.prefix.chunk_blocks
+            pinned = self.prefix.blocks_to_pin(hit)
+            if self.blocks_for(num_tokens) - hit_blocks + pinned > self.num_free:
+                return False
+            self.prefix.pin(req, hit)
+            self.num_free -= pinned
+            req.num_blocks += hit_blocks
+            req.num_computed = req.cached_tokens = len(hit) * self.prefix.chunk_tokens
         need = self.blocks_for(num_tokens) - req.num_blocks
         if need <= 0:
             return True
         if need > self.num_free:
             return False
         need = min(need + self.preallocate_blocks, self.num_free)
+        if self.prefix:
+            self.prefix.take(need)
         self.num_free -= need
         req.num_blocks += need
         used = self.num_blocks - self.num_free
@@ -92,7 +121,8 @@ class KVCache:
         return True
 
     def free(self, req: Request) -> None:
-        self.num_free += req.num_blocks
+        # with prefix caching a request's blocks may be shared; only the unshared ones free up
+        self.num_free += self.prefix.release(req) if self.prefix else req.num_blocks
         req.num_blocks = 0
         if self.num_free > self.num_blocks:
             raise KVCacheError(

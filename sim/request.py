@@ -41,6 +41,15 @@ class Request:
     hold_kv: bool = False  # a PD prefill job keeps its KV after finishing, until the transfer ends
     token_times: list[float] = field(default_factory=list)
     error: str = ""
+    # prefix caching: the prompt's content as (segment id, length) runs; None = unique content
+    segments: tuple[tuple[int, int], ...] | None = None
+    out_segment: int = -1  # the segment id of this request's generated tokens
+    kv_keys: list | None = None  # cached chunks this request references (see prefix_cache)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache at (last) admission
+    # multi-turn: sent after request `follows` completes, its prompt extended by that turn's
+    # prompt and reply (the client fills them in then)
+    follows: int = -1
+    new_message_len: int = 0
     # recorded only with record_steps=True, for exact replay (calibration)
     token_steps: list[int] = field(default_factory=list)  # engine step that emitted each token
     permit_from: int = -1  # rid of the request whose completion freed this one's permit (-1: none)

@@ -31,24 +31,28 @@ class SimResult:
     steps: list | None = None  # recorded steps of a single-instance run
     instance_steps: list | None = None  # recorded steps per instance (PD: prefill engines first)
     transfers: list | None = None  # PD: every KV transfer (request, link, start, end, bytes)
+    prefix_hit_tokens: int = 0  # prompt tokens served from prefix caches instead of computed
 
 
 def make_kv_cache(e) -> KVCache:
     """V0's block manager keeps a 1 % watermark at admission; V1 has none, and until 0.8.x it
     preallocated 64 tokens of blocks whenever a request grew (removed in later versions)."""
     if e.scheduler == "sglang":
-        return KVCache(e.num_gpu_blocks, e.block_size)  # a token pool (page size 1 by default)
+        # a token pool (page size 1 by default) with a radix cache matched in radix_chunk_tokens
+        chunk = 0 if e.disable_radix_cache else max(1, e.radix_chunk_tokens // e.block_size)
+        return KVCache(e.num_gpu_blocks, e.block_size, prefix_chunk_blocks=chunk)
     if e.scheduler == "vllm-v0":
         return KVCache(e.num_gpu_blocks, e.block_size, watermark=0.01)
     prealloc = 64 if _version_tuple(e.version) < (0, 9) else 0
-    return KVCache(e.num_gpu_blocks, e.block_size, preallocate_tokens=prealloc)
+    return KVCache(e.num_gpu_blocks, e.block_size, preallocate_tokens=prealloc,
+                   prefix_chunk_blocks=1 if e.enable_prefix_caching else 0)
 
 
 def simulate(sc: Scenario, record_steps: bool = False) -> SimResult:
     w = sc.workload
     env = simpy.Environment()
     requests = build_requests(w)
-    client = BenchmarkClient(env, requests, w.max_concurrency)
+    client = BenchmarkClient(env, requests, w.max_concurrency, w.think_time_s)
     pd = sc.deployment.mode == "pd"
     dep = (PDDeployment if pd else Deployment)(env, sc, client.on_done, record_steps)
     client.start(dep.submit)
@@ -72,6 +76,13 @@ def simulate(sc: Scenario, record_steps: bool = False) -> SimResult:
         raise SimulationStuck(  # pragma: no cover - an invariant, checked on every run
             f"run ended with {len(unfinished)} unfinished request(s) and {in_use} KV blocks in use"
         )
+    for eng in dep.engines:
+        cache = eng.scheduler.kv.prefix
+        if cache is not None and (cache.free_blocks() != eng.scheduler.kv.num_free
+                                  or any(e.ref for e in cache.entries.values())):
+            raise SimulationStuck(  # pragma: no cover - an invariant, checked on every run
+                "prefix cache out of step with the KV pool: "
+                f"{cache.free_blocks()} blocks queued, {eng.scheduler.kv.num_free} free")
     duration = env.now
     rep = sc.report
     bench = calculate_metrics(
@@ -82,6 +93,7 @@ def simulate(sc: Scenario, record_steps: bool = False) -> SimResult:
         rep.goodput,
     )
     engines = dep.engines
+    caches = [g.scheduler.kv.prefix for g in engines if g.scheduler.kv.prefix is not None]
     return SimResult(
         scenario=sc,
         bench=bench,
@@ -95,4 +107,5 @@ def simulate(sc: Scenario, record_steps: bool = False) -> SimResult:
         steps=engines[0].steps if len(engines) == 1 else None,
         instance_steps=[g.steps for g in engines] if record_steps else None,
         transfers=dep.transfers if pd else None,
+        prefix_hit_tokens=sum(c.hit_tokens for c in caches),
     )

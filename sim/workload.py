@@ -205,5 +205,22 @@ def build_requests(w) -> list[Request]:
         samples = stop_early_at_eos(samples, w.output_len_mean, np.random.default_rng([w.seed, 1]))
     if times is None:
         times = arrival_times(rs, len(samples), w.request_rate, w.burstiness, legacy)
-    return [Request(rid=i, prompt_len=s.prompt_len, max_tokens=s.output_len, arrival_s=float(t))
+    reqs = [Request(rid=i, prompt_len=s.prompt_len, max_tokens=s.output_len, arrival_s=float(t))
             for i, (s, t) in enumerate(zip(samples, times))]
+    if w.dataset_name == "random" and (w.random_prefix_len or w.turns > 1):
+        _add_segments(reqs, w.random_prefix_len, w.turns)
+    return reqs
+
+
+def _add_segments(reqs: list[Request], prefix_len: int, turns: int) -> None:
+    """Name the prompts' content for prefix caching. Segment 0 is the shared prefix; every
+    request's own tokens and its reply get fresh ids. With `turns` > 1, consecutive requests
+    form conversations: turn k+1 is sent after turn k completes and its prompt is turn k's
+    prompt, turn k's reply and its own new message (the client fills in the lengths)."""
+    for r in reqs:
+        own = r.prompt_len - prefix_len
+        r.segments = ((0, prefix_len), (2 * r.rid + 1, own)) if prefix_len else ((2 * r.rid + 1, own),)
+        r.out_segment = 2 * r.rid + 2
+        if turns > 1 and r.rid % turns:
+            r.follows = r.rid - 1
+            r.new_message_len = own

@@ -177,3 +177,25 @@ def test_fit_picks_the_hardware_that_generated_the_data():
     assert f.hardware_ == "a100-80g"
     assert len(f.indistinguishable()) == 1  # H20's FLOP/s-to-bandwidth ratio cannot fake A100's
     assert f.coeffs_.compute_efficiency == pytest.approx(TRUE["compute_efficiency"], rel=0.01)
+
+
+def test_unidentified_kv_pool_takes_the_memory_formula_estimate_among_ties():
+    """Capacities the training rows cannot tell apart are settled by the engine's memory formula;
+    a capacity that fits worse is never chosen just because it is near the estimate."""
+    f = StepTimeFit(model="deepseek-r1-fp8", hardware="h20", kv_bounds=(8000, 160000), kv_prior=100000)
+    tried = [{"kv_cache_tokens": kv, "objective": obj} for kv, obj in
+             [(8000, 0.30), (34000, 0.0134), (60000, 0.0134), (97000, 0.01345), (160000, 0.0134)]]
+    assert f._nearest_prior(tried, tried[1])["kv_cache_tokens"] == 97000
+    worse = [dict(t, objective=0.05) if t["kv_cache_tokens"] >= 60000 else t for t in tried]
+    assert f._nearest_prior(worse, worse[1])["kv_cache_tokens"] == 34000
+    with pytest.raises(ValueError, match="kv_prior 200000 must lie inside kv_bounds"):
+        StepTimeFit(model="deepseek-r1-fp8", hardware="h20", kv_bounds=(8000, 160000), kv_prior=200000).fit(
+            [RowCase("x", {}, {})])
+
+
+def test_sglang_split_prior_is_the_memory_formula():
+    from calibration.splits import load_split
+
+    # 0.90 x 96 GiB - 78.3 GiB of FP8 weights per rank - 1.5 GiB, over 70,272 bytes per token
+    assert load_split("seed002-sglang").kv_prior_tokens() == pytest.approx(100_192, abs=16)
+    assert load_split("seed002-vllm").kv_prior_tokens() is None  # vLLM's profiled reserve is unknown

@@ -57,6 +57,9 @@ def scenarios(draw):
     }
     if draw(st.booleans()):
         workload["max_concurrency"] = draw(st.integers(1, 8))
+    if draw(st.integers(0, 2)) == 0:  # shared prefixes and conversations exercise the prefix cache
+        workload["random_prefix_len"] = draw(st.integers(0, max(0, max_model_len // 3)))
+        workload["turns"] = draw(st.integers(1, 3))
     if scheduler == "sglang":
         engine = {
             "scheduler": "sglang",
@@ -67,6 +70,8 @@ def scenarios(draw):
             "max_running_requests": max_num_seqs,
             "enable_mixed_chunk": draw(st.booleans()),
             "kv_cache_tokens": num_blocks * block_size,
+            "disable_radix_cache": draw(st.booleans()),
+            "radix_chunk_tokens": draw(st.sampled_from([1, 16])),
         }
         workload["client"] = "vllm"
     else:
@@ -79,6 +84,8 @@ def scenarios(draw):
             "max_num_batched_tokens": budget,
             "num_gpu_blocks_override": num_blocks,
         }
+        if scheduler == "vllm-v1":
+            engine["enable_prefix_caching"] = draw(st.booleans())
     if scheduler != "vllm-v0" and draw(st.booleans()):
         engine.update(num_speculative_tokens=draw(st.integers(1, 3)),
                       spec_acceptance_rate=draw(st.sampled_from([0.0, 0.6, 1.0])))

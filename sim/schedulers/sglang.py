@@ -101,23 +101,27 @@ class SglangScheduler(Scheduler):
             if len(self.running) + len(admitted) >= cfg.max_running_requests:
                 break  # batch_is_full
             req = self.waiting[0]
-            extend = req.num_tokens - req.num_computed
+            hit, cached = kv.lookup(req)  # radix match: only the rest of the prompt is computed
+            extend = req.num_tokens - max(req.num_computed, cached)
             if extend + min(req.max_tokens - req.output_len, CLIP_MAX_NEW_TOKENS) >= rem_total:
                 break  # NO_TOKEN
             if extend > rem_input and (admitted or batch.reqs):
                 break  # over max_prefill_tokens; the first request is always accepted
             n = extend if rem_chunk is None or extend <= rem_chunk else rem_chunk  # truncated to the budget
-            if not kv.allocate(req, req.num_computed + n):
+            free_before = kv.num_free
+            if not kv.allocate(req, req.num_tokens - extend + n, hit):
                 break
             self.waiting.popleft()
             req.status = Status.RUNNING
             admitted.append(req)
             batch.add(req, n, decode=False)
+            # the new tokens' slots, plus a matched prefix that was evictable and is now locked
+            taken = (free_before - kv.num_free) * kv.block_size
             if n < extend:
                 self.chunked_req = req  # reserves no output tokens while it is being chunked
-                rem_total -= n
+                rem_total -= taken
             else:
-                rem_total -= n + min(req.max_tokens - req.output_len, CLIP_MAX_NEW_TOKENS)
+                rem_total -= taken + min(req.max_tokens - req.output_len, CLIP_MAX_NEW_TOKENS)
             rem_input -= n
             if rem_chunk is not None:
                 rem_chunk -= n

@@ -15,8 +15,9 @@ from .base import Batch, Scheduler
 class VllmV1Scheduler(Scheduler):
     name = "vllm-v1"
 
-    def _num_new_tokens(self, req, token_budget: int) -> int:
-        n = req.num_tokens - req.num_computed
+    def _num_new_tokens(self, req, token_budget: int, computed: int | None = None) -> int:
+        computed = req.num_computed if computed is None else computed
+        n = req.num_tokens - computed
         if n == 1 and req.output_len > 0:
             n += self.cfg.num_speculative_tokens  # a decode verifies its draft tokens too
         threshold = self.cfg.long_prefill_token_threshold
@@ -24,7 +25,7 @@ class VllmV1Scheduler(Scheduler):
             n = min(n, threshold)
         n = min(n, token_budget)
         # the model never computes position max_model_len - 1 and beyond
-        return min(n, self.cfg.max_model_len - 1 - req.num_computed)
+        return min(n, self.cfg.max_model_len - 1 - computed)
 
     def _schedule(self) -> Batch:
         batch = Batch()
@@ -63,10 +64,12 @@ class VllmV1Scheduler(Scheduler):
                 if len(self.running) >= self.cfg.max_num_seqs:
                     break
                 req = self.waiting[0]
-                n = self._num_new_tokens(req, token_budget)
-                if not chunking and n < req.num_tokens - req.num_computed:
+                hit, cached = kv.lookup(req)  # prefix cache: full blocks, never the last token
+                computed = max(req.num_computed, cached)
+                n = self._num_new_tokens(req, token_budget, computed)
+                if not chunking and n < req.num_tokens - computed:
                     break  # chunking disabled and the whole prompt does not fit the budget
-                if not kv.allocate(req, req.num_computed + n):
+                if not kv.allocate(req, computed + n, hit):
                     break
                 self.waiting.popleft()
                 req.status = Status.RUNNING
