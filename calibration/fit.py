@@ -64,6 +64,11 @@ def _simulate_trace(data: dict) -> Trace:
     return trace_from(simulate(scenario_from_dict(data), record_steps=True))
 
 
+def _several_instances(data: dict) -> bool:
+    d = data.get("deployment", {})
+    return d.get("mode") == "pd" or d.get("instances", 1) > 1
+
+
 def _simulate_metrics(data: dict) -> dict:
     return simulate(scenario_from_dict(data)).bench.metrics
 
@@ -224,6 +229,8 @@ class StepTimeFit:
         return best
 
     def _fit_one(self, cases, hw, st: RooflineStepTime, kv, procs):
+        if any(_several_instances(c.scenario) for c in cases):
+            return self._fit_by_simulation(cases, hw, kv, procs)
         coeffs = RooflineCoefficients()
         prev = None
         for _ in range(self.max_outer):
@@ -240,6 +247,27 @@ class StepTimeFit:
         if not all(t.exact for t in traces):
             loss = self._sim_loss(cases, hw, coeffs, kv, procs)
         return coeffs, loss
+
+    def _fit_by_simulation(self, cases, hw, kv, procs):
+        """Several engines (PD, data parallel) cannot be replayed from one step list, so every
+        residual is a full simulation: fewer starts and evaluations, and finite differences
+        wide enough to see through the schedule's discreteness."""
+        lo, hi = self._bounds()
+        best = None
+
+        def residuals(x):
+            coeffs = self._to_coeffs(x)
+            pred = self._predict_metrics(cases, hw, coeffs, kv, procs)
+            res = [math.log(max(p[SIM_KEY[m]], 1e-12) / c.measured[m]) for c, p in zip(cases, pred)
+                   for m in self.metrics if m in c.measured and np.isfinite(c.measured[m]) and c.measured[m] > 0]
+            return np.concatenate([res, self._prior_residuals(coeffs)])
+
+        for x0 in self._starts()[:2]:
+            r = least_squares(residuals, x0, bounds=(lo, hi), diff_step=0.05, max_nfev=30)
+            if best is None or r.cost < best.cost:
+                best = r
+        coeffs = self._to_coeffs(best.x)
+        return coeffs, self._sim_loss(cases, hw, coeffs, kv, procs)
 
     def _residuals(self, cases, st, traces, coeffs, with_prior: bool = True) -> np.ndarray:
         res = []

@@ -100,7 +100,7 @@ def row_fields(row: pd.Series) -> dict:
 def select_rows(split: Split) -> pd.DataFrame:
     df = load_table(split.table)
     for col, val in split.rows.items():
-        df = df[df[col] == val]
+        df = df[df[col].isin(val)] if isinstance(val, list) else df[df[col] == val]
     ids = [split.row_id.format(**row_fields(r)) for _, r in df.iterrows()]
     if len(set(ids)) != len(ids):
         raise ValueError(f"split {split.name}: row_id template {split.row_id!r} does not make ids unique")

@@ -207,8 +207,9 @@ def build_requests(w) -> list[Request]:
         times = arrival_times(rs, len(samples), w.request_rate, w.burstiness, legacy)
     reqs = [Request(rid=i, prompt_len=s.prompt_len, max_tokens=s.output_len, arrival_s=float(t))
             for i, (s, t) in enumerate(zip(samples, times))]
-    if w.dataset_name == "random" and (w.random_prefix_len or w.turns > 1):
-        _add_segments(reqs, w.random_prefix_len, w.turns)
+    # every prompt is named, so a preempted request can find its own freed blocks again
+    _add_segments(reqs, w.random_prefix_len if w.dataset_name == "random" else 0,
+                  w.turns if w.dataset_name == "random" else 1)
     return reqs
 
 
