@@ -123,6 +123,9 @@ class StepTimeFit:
     processes: int | None = None
     max_outer: int = 4
     progress: bool = False
+    # minimise over full simulations even when replay is possible (runs whose schedule depends
+    # on timing, e.g. Poisson arrivals, where replay is only approximate)
+    by_simulation: bool = False
     # fitted
     coeffs_: RooflineCoefficients | None = None
     hardware_: str | None = None
@@ -229,7 +232,7 @@ class StepTimeFit:
         return best
 
     def _fit_one(self, cases, hw, st: RooflineStepTime, kv, procs):
-        if any(_several_instances(c.scenario) for c in cases):
+        if self.by_simulation or any(_several_instances(c.scenario) for c in cases):
             return self._fit_by_simulation(cases, hw, kv, procs)
         coeffs = RooflineCoefficients()
         prev = None

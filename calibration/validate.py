@@ -57,7 +57,7 @@ def validate(split_name: str, processes: int | None = None, progress: bool = Tru
     train = [c for c in all_cases if c.row_id in split.train]
     fitter = StepTimeFit(model=split.model, hardware=split.hardware, tp=split.tp, metrics=split.metrics,
                          seeds=split.seeds, kv_bounds=split.kv_bounds,
-                         kv_prior=split.kv_prior_tokens(), processes=processes, progress=progress)
+                         kv_prior=split.kv_prior_tokens(), by_simulation=split.fit_by_simulation, processes=processes, progress=progress)
     fitter.fit(train)
     pred = fitter.predict(all_cases)
     pred["train"] = pred["row_id"].isin(split.train)

@@ -93,8 +93,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     w = sc.workload
     print(format_report(res.bench, w.client, w.max_concurrency, w.request_rate))
     if not args.quiet:
+        hits = f", {res.prefix_hit_tokens} prompt tokens from the prefix cache" if res.prefix_hit_tokens else ""
         print(f"(simulated: {res.num_steps} engine steps, {res.num_preemptions} preemptions, "
-              f"peak KV {res.peak_kv_blocks}/{e.num_gpu_blocks} blocks)")
+              f"peak KV {res.peak_kv_blocks} blocks on the fullest instance{hits})")
     if args.output_json:
         data = _result_json(res, args.save_detailed)
         # SGLang's client writes one JSON line per run (JSONL); vLLM's a JSON document

@@ -157,3 +157,18 @@ def test_multi_turn_conversations_send_each_turn_after_the_last_with_the_history
             assert nxt.start_s >= prev.token_times[-1] + 0.5 - 1e-9
             assert nxt.cached_tokens >= prev.prompt_len + prev.output_len - 16  # the whole history hits
     assert out["ttft"] < _chat("vllm-v1", False, turns=4, think_time_s=0.5)["ttft"]
+
+
+def test_a_request_resumed_from_the_cache_samples_before_it_verifies_drafts():
+    """Found by hypothesis: a preempted request whose whole history is cached comes back with one
+    uncomputed token; it must sample it as a plain decode (it has no drafts yet), not run a
+    4-token "prefill" past its own length and wait forever."""
+    data = {"engine": {"scheduler": "vllm-v1", "enable_chunked_prefill": False, "block_size": 1, "max_model_len": 98,
+                       "max_num_seqs": 2, "max_num_batched_tokens": 98, "num_gpu_blocks_override": 98,
+                       "num_speculative_tokens": 3, "spec_acceptance_rate": 0.0},
+            "workload": {"dataset_name": "random", "client": "vllm-legacy", "num_prompts": 2, "random_input_len": 1,
+                         "random_output_len": 49, "random_range_ratio": 0.9, "seed": 0, "random_prefix_len": 3},
+            "step_time": {"step_overhead_s": 0.001, "per_prefill_token_s": 1e-4, "per_decode_seq_s": 1e-4}}
+    res = simulate(scenario_from_dict(data))
+    assert res.num_preemptions >= 1 and res.prefix_hit_tokens > 0
+    assert res.bench.metrics["completed"] == 2

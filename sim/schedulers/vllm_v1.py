@@ -15,10 +15,10 @@ from .base import Batch, Scheduler
 class VllmV1Scheduler(Scheduler):
     name = "vllm-v1"
 
-    def _num_new_tokens(self, req, token_budget: int, computed: int | None = None) -> int:
+    def _num_new_tokens(self, req, token_budget: int, computed: int | None = None, drafts: bool = True) -> int:
         computed = req.num_computed if computed is None else computed
         n = req.num_tokens - computed
-        if n == 1 and req.output_len > 0:
+        if drafts and n == 1 and req.output_len > 0:
             n += self.cfg.num_speculative_tokens  # a decode verifies its draft tokens too
         threshold = self.cfg.long_prefill_token_threshold
         if threshold > 0:
@@ -66,7 +66,8 @@ class VllmV1Scheduler(Scheduler):
                 req = self.waiting[0]
                 hit, cached = kv.lookup(req)  # prefix cache: full blocks, never the last token
                 computed = max(req.num_computed, cached)
-                n = self._num_new_tokens(req, token_budget, computed)
+                # a request resumed from the cache has no draft tokens yet: it samples one first
+                n = self._num_new_tokens(req, token_budget, computed, drafts=False)
                 if not chunking and n < req.num_tokens - computed:
                     break  # chunking disabled and the whole prompt does not fit the budget
                 if not kv.allocate(req, computed + n, hit):
