@@ -1,0 +1,74 @@
+"""Seed 001 and seed 003's scattered points, reproduced from their scenario files.
+
+    python experiments/seed001_003_points.py   # writes experiments/results/seed001_003_points.md
+
+- Seed 001 (SGLang, DeepSeek-R1, 2x8 H100, TP16): the split `seed001` fits the 8k single-request
+  TTFT and the single-stream decode speed and predicts the 16k and 32k TTFTs; the prefix-cache check
+  sends one chat twice (scenarios/seed001/prefix-cache-hit.toml); SGLang's default max running
+  requests for that pool is compared with the 78 the article's log showed.
+- Seed 003 (vllm-ascend 2P1D with MTP on Ascend A3): scenarios/seed003/2p1d-mtp.toml with the
+  assumptions written in it; nothing is fitted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from calibration.validate import validate
+from sim.config import load_scenario
+from sim.runner import simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "experiments" / "results" / "seed001_003_points.md"
+
+
+def pct(pred: float, meas: float) -> str:
+    return f"{100 * (pred - meas) / meas:+.1f} %"
+
+
+def main() -> None:
+    lines = ["# Seed 001 and seed 003 points", "", __doc__.split("\n\n", 2)[2].strip(), ""]
+
+    res = validate("seed001", progress=False, write_profile=False, out_dir=ROOT / "experiments/results/validation/seed001")
+    lines += ["## Seed 001: TTFT against prompt length (fitted: 8k TTFT, single-stream TPOT)", "",
+              "| row | set | metric | measured | predicted | error |", "| --- | --- | --- | --- | --- | --- |"]
+    for _, r in res.predictions.iterrows():
+        lines.append(f"| {r.row_id} | {'fit' if r.train else 'predicted'} | {r.metric} | {r.measured:.1f} | "
+                     f"{r.predicted:.1f} | {pct(r.predicted, r.measured)} |")
+
+    sc = load_scenario(ROOT / "scenarios/seed001/prefix-cache-hit.toml")
+    run = simulate(sc)
+    first, second = sorted(run.requests, key=lambda r: r.rid)
+    t1, t2 = (first.token_times[0] - first.start_s) * 1e3, (second.token_times[0] - second.start_s) * 1e3
+    lines += ["", "## Seed 001: prefix-cache hit", "",
+              f"Prompt: {sc.workload.random_prefix_len} shared tokens + {sc.workload.random_input_len} new "
+              f"(assumed; the article gives no length). {second.cached_tokens} tokens came from the radix cache.", "",
+              "| send | measured TTFT (ms) | simulated TTFT (ms) |", "| --- | --- | --- |",
+              f"| first (uncached) | ~1900 | {t1:.0f} |", f"| second (cached) | 430 | {t2:.0f} ({pct(t2, 430)}) |", "",
+              "The cache removes the prompt's compute, but the calibrated profile charges every TTFT a fixed "
+              "front-end latency and prefill-step overhead that the two fitted rows cannot separate from "
+              "per-token cost (both sit at their 0.5 s bounds), so the cached TTFT stays near 1 s.",
+              "", f"SGLang's default max_running_requests for this pool ({sc.engine.kv_cache_tokens} tokens, context "
+              f"{sc.engine.max_model_len}): {sc.engine.max_running_requests}; the article's log said 78. "
+              "The 0.4.4 formula floors the request pool at 2048, so 78 is not reproduced; the article's "
+              "release is not stated."]
+
+    sc3 = load_scenario(ROOT / "scenarios/seed003/2p1d-mtp.toml")
+    m = simulate(sc3).bench.metrics
+    cards = 64
+    tok = m["total_token_throughput"] / cards
+    lines += ["", "## Seed 003: vllm-ascend 2P1D with MTP (no fit; assumptions in the scenario file)", "",
+              "| metric | measured | simulated | error |", "| --- | --- | --- | --- |",
+              f"| mean TTFT (ms) | 6160 | {m['mean_ttft_ms']:.0f} | {pct(m['mean_ttft_ms'], 6160)} |",
+              f"| mean TPOT (ms) | 48.82 | {m['mean_tpot_ms']:.2f} | {pct(m['mean_tpot_ms'], 48.82)} |",
+              f"| total tokens/s per card | 478 | {tok:.0f} | {pct(tok, 478)} |", "",
+              "With the uncalibrated roofline the decode step is about twice as slow as measured: the default "
+              "efficiencies and 10 ms step overhead are not Ascend's, and no Ascend table exists to fit them. "
+              "The concurrency (480) was derived from the measured numbers, so throughput is not independent."]
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text("\n".join(lines) + "\n")
+    print(OUT.read_text())
+
+
+if __name__ == "__main__":
+    main()
