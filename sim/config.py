@@ -429,6 +429,9 @@ class DeploymentConfig(_Strict):
         "P's first token; vllm: P first, D allocates the whole prompt and recomputes the last token. "
         "Default: the engine's own.")
     reserved_decode_tokens: int = Field(512, ge=0, description="SGLANG_NUM_RESERVED_DECODE_TOKENS")
+    recompute_scheduler: bool = Field(
+        False, description="vllm-ascend's RecomputeScheduler on D (additional_config.recompute_scheduler_enable): "
+        "a request D cannot grow is aborted and re-prefilled on a P node with what it generated so far")
 
 
 class KVTransferConfig(_Strict):

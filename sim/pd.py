@@ -15,6 +15,9 @@ vLLM design (`pd_design = "vllm"`, NIXL/Mooncake connectors):
   2. D admits FIFO when blocks for the whole prompt are free, then pulls the KV.
   3. D recomputes the last prompt token; its sample is the client's first token (P's is
      discarded).
+  With vllm-ascend's recompute scheduler (`recompute_scheduler = true`), a request D cannot
+  grow is aborted instead of preempted, and goes through P again with its prompt plus the
+  tokens it has generated; the client sees one long gap in the stream.
 
 TTFT and TPOT are measured at the client exactly as for one instance.
 """
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 
 import simpy
 
-from .config import role_config
+from .config import ScenarioError, role_config
 from .deployment import Router
 from .engine import Engine, front_door_error
 from .request import Request, Status
@@ -69,6 +72,12 @@ class PDDeployment:
         self.holding = [0] * len(self.decode)  # requests holding KV on D but not yet in its queues
         for i, eng in enumerate(self.decode):
             eng.after_step.append(lambda i=i: self._admit(i))
+        if d.recompute_scheduler:
+            if self.design != "vllm" or d_eng.scheduler != "vllm-v1":
+                raise ScenarioError("deployment.recompute_scheduler: vllm-ascend's recompute scheduler needs "
+                                    "pd_design = \"vllm\" and a vllm-v1 decode engine")
+            for eng in self.decode:
+                eng.scheduler.on_recompute = self._recompute
         t = sc.kv_transfer
         self.latency, self.bandwidth, self.layerwise = t.latency_s, t.bandwidth_gbps * 1e9, t.layerwise
         spec = getattr(p_model, "model", None)
@@ -109,11 +118,20 @@ class PDDeployment:
             self._start_prefill(req, p, dd)
 
     def _start_prefill(self, req: Request, p: int, dd: int) -> None:
-        job = Request(rid=req.rid, prompt_len=req.prompt_len, max_tokens=1, arrival_s=req.arrival_s,
+        # a re-routed request is prefilled with everything it has generated so far
+        job = Request(rid=req.rid, prompt_len=req.num_tokens, max_tokens=1, arrival_s=req.arrival_s,
                       start_s=req.start_s, hold_kv=True)
         self._jobs[id(job)] = (req, p, dd)
         self._prefill_start[id(job)] = self.env.now
         self.prefill[p].submit(job)
+
+    def _recompute(self, req: Request) -> None:
+        """D aborted `req` ("recomputed"); the proxy sends prompt + generated text to a P node and
+        the stream continues from D once the new KV arrives."""
+        dd = req.instance
+        p = self.p_router.pick()
+        self.p_router.outstanding[p] += 1
+        self._start_prefill(req, p, dd)
 
     # --- D admission -------------------------------------------------------------------------
     def _admit(self, dd: int) -> None:
@@ -131,7 +149,7 @@ class PDDeployment:
                 free_tokens = kv.num_free * kv.block_size - self.reserved * held
                 fits = free_tokens >= req.prompt_len + self.reserved
             else:
-                fits = kv.blocks_for(req.prompt_len) <= kv.num_free
+                fits = kv.blocks_for(req.num_tokens) <= kv.num_free
             if not fits:
                 if idle:  # nothing on D will ever free memory: this request can never be admitted
                     q.popleft()
@@ -143,7 +161,7 @@ class PDDeployment:
                                            f"never fits the decode instance's KV pool ({kv.capacity_tokens} tokens)")
                     continue
                 return  # FIFO: the head blocks the rest until memory frees
-            kv.allocate(req, req.prompt_len)
+            kv.allocate(req, req.num_tokens)
             q.popleft()
             self.holding[dd] += 1
             if self.design == "sglang":
@@ -172,7 +190,7 @@ class PDDeployment:
         if job_info is None:  # vLLM: the P job finished before D admitted the request
             job_info = self._pending_jobs.pop(req.rid)
         job, prefill_start = job_info
-        size = req.prompt_len * self.bytes_per_token
+        size = req.num_tokens * self.bytes_per_token
         with self.links[p].request() as slot:
             yield slot
             t0 = self.env.now
@@ -199,7 +217,7 @@ class PDDeployment:
                 return
             eng.scheduler.admit_transferred(req, computed=req.prompt_len)
         else:
-            eng.scheduler.admit_transferred(req, computed=req.prompt_len - 1)
+            eng.scheduler.admit_transferred(req, computed=req.num_tokens - 1)
         eng.wake()
 
     # --- D done ------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ class SimResult:
     instance_steps: list | None = None  # recorded steps per instance (PD: prefill engines first)
     transfers: list | None = None  # PD: every KV transfer (request, link, start, end, bytes)
     prefix_hit_tokens: int = 0  # prompt tokens served from prefix caches instead of computed
+    num_recomputes: int = 0  # vllm-ascend recompute scheduler: requests D sent back through P
 
 
 def make_kv_cache(e) -> KVCache:
@@ -108,4 +109,5 @@ def simulate(sc: Scenario, record_steps: bool = False) -> SimResult:
         instance_steps=[g.steps for g in engines] if record_steps else None,
         transfers=dep.transfers if pd else None,
         prefix_hit_tokens=sum(c.hit_tokens for c in caches),
+        num_recomputes=sum(g.scheduler.num_recomputes for g in engines),
     )

@@ -10,13 +10,13 @@ from sim.runner import simulate
 STEP = {"step_overhead_s": 0.01, "per_prefill_token_s": 1e-4, "per_decode_seq_s": 1e-4}
 
 
-def _sc(design="sglang", n=1, inp=1000, out=5, kv=100_000, link=None, decode_kv=None, **wl):
+def _sc(design="sglang", n=1, inp=1000, out=5, kv=100_000, link=None, decode_kv=None, dep=None, **wl):
     sglang = design == "sglang"
     eng = ({"scheduler": "sglang", "context_length": 8192, "max_total_tokens": kv, "chunked_prefill_size": 8192}
            if sglang else {"scheduler": "vllm-v1", "max_model_len": 8192, "kv_cache_tokens": kv})
     data = {
         "engine": eng,
-        "deployment": {"mode": "pd", "pd_design": design},
+        "deployment": {"mode": "pd", "pd_design": design, **(dep or {})},
         "workload": {"dataset_name": "random", "num_prompts": n, "random_input_len": inp, "random_output_len": out,
                      "random_range_ratio": 1.0 if sglang else 0.0, "client": "sglang" if sglang else "vllm", **wl},
         "step_time": STEP,
@@ -115,3 +115,29 @@ def test_pd_roles_take_their_own_engine_settings():
     assert max(s.shape.num_seqs for s in p_steps) <= 8
     assert max(s.num_tokens for s in res.instance_steps[2]) <= 256
     assert res.bench.metrics["completed"] == 10
+
+
+def test_vllm_ascend_recompute_scheduler_sends_a_starved_request_back_through_p():
+    """With the recompute scheduler a decode request D cannot grow is aborted, prefilled again on
+    P with the tokens it already generated, transferred, and finishes; the client's stream has one
+    long gap instead of a local recompute. Without it D preempts and recomputes locally."""
+    def run(recompute: bool):
+        return simulate(_sc(design="vllm", n=6, inp=300, out=300, decode_kv=2400,
+                            dep={"recompute_scheduler": recompute}))
+
+    on, off = run(True), run(False)
+    assert on.num_recomputes > 0 and off.num_recomputes == 0 and off.num_preemptions > 0
+    assert on.bench.metrics["completed"] == off.bench.metrics["completed"] == 6
+    moved = [t.rid for t in on.transfers]
+    assert len(moved) == 6 + on.num_recomputes  # one extra transfer per re-prefill
+    again = [t for t in on.transfers if moved.count(t.rid) > 1]
+    assert max(t.bytes for t in again) > 300 * 1000  # prompt plus generated tokens cross the link
+    for r in on.requests:
+        assert len(r.token_times) == r.max_tokens == 300
+
+
+def test_recompute_scheduler_needs_the_vllm_design():
+    from sim.config import ScenarioError
+
+    with pytest.raises(ScenarioError, match="recompute_scheduler"):
+        simulate(_sc(design="sglang", dep={"recompute_scheduler": True}))

@@ -19,6 +19,7 @@ class Batch:
     shape: BatchShape = field(default_factory=BatchShape)
     preempted: list[Request] = field(default_factory=list)
     decode: list[bool] = field(default_factory=list)  # per request: a decode (maybe verifying drafts)
+    aborted: list[Request] = field(default_factory=list)  # handed back for a re-prefill elsewhere
 
     def add(self, req: Request, n: int, decode: bool | None = None) -> None:
         """`decode`: the scheduler's own word; by default, one token after a generated one."""
@@ -51,6 +52,10 @@ class Scheduler:
         # requests the scheduler rejected itself (e.g. can never fit): the engine reports them
         self.rejected: list[Request] = []
         self.steps_done = 0  # kept up to date by the engine
+        # vllm-ascend's RecomputeScheduler on a KV consumer: a victim is handed back to the
+        # deployment (to be prefilled again on P) instead of being preempted here
+        self.on_recompute = None
+        self.num_recomputes = 0
 
     # --- queue plumbing ----------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -104,6 +109,18 @@ class Scheduler:
         self.num_preemptions += 1
         batch.preempted.append(req)
 
+    def evict(self, req: Request, batch: Batch) -> None:
+        """Make room by taking `req`'s KV: a recompute preemption, or on a vllm-ascend consumer
+        with the recompute scheduler an abort ("recomputed") that the proxy re-routes through P.
+        Either way no waiting request is admitted in this step."""
+        if self.on_recompute is None:
+            self.preempt(req, batch)
+            return
+        self.kv.free(req)
+        req.num_computed = 0
+        self.num_recomputes += 1
+        batch.aborted.append(req)
+
     def preempt_self(self, req: Request, batch: Batch) -> None:
         """`req` cannot get a slot even after every request behind it was preempted.
 
@@ -129,6 +146,8 @@ class Scheduler:
         """
         batch = self._schedule()
         self.waiting.extendleft(batch.preempted)
+        for req in batch.aborted:
+            self.on_recompute(req)
         return batch
 
     def _schedule(self) -> Batch:  # pragma: no cover - interface

@@ -49,7 +49,7 @@ class VllmV1Scheduler(Scheduler):
                     self.preempt_self(req, batch)
                     scheduled = False
                     break
-                self.preempt(victim, batch)
+                self.evict(victim, batch)
             if not scheduled:
                 break
             is_decode = req.output_len > 0 and req.num_computed == req.num_tokens - 1
@@ -58,7 +58,7 @@ class VllmV1Scheduler(Scheduler):
             i += 1
 
         # 2. waiting requests, only if this step preempted nothing
-        if not batch.preempted:
+        if not batch.preempted and not batch.aborted:
             chunking = self.cfg.enable_chunked_prefill
             while self.waiting and token_budget > 0:
                 if len(self.running) >= self.cfg.max_num_seqs:
