@@ -62,10 +62,15 @@ def _servesim_section(res: SimResult) -> dict:
     }
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.set or [])
     if args.seed is not None:
         overrides.append(f"workload.seed={args.seed}")
+    return overrides
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
     if args.percentile_metrics:
         overrides.append(f'report.percentile_metrics="{args.percentile_metrics}"')
     if args.metric_percentiles:
@@ -165,6 +170,19 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_timeline(args: argparse.Namespace) -> int:
+    from .timeline import plot_timeline, write_trace
+
+    sc = load_scenario(args.scenario, _overrides(args))
+    res = simulate(sc, record_steps=True)
+    write_trace(res, args.out)
+    print(f"wrote {args.out} ({res.num_steps} steps, {len(res.requests)} requests): open it in ui.perfetto.dev")
+    if args.png:
+        plot_timeline(res, args.png, seconds=args.seconds, max_requests=args.requests, title=sc.name)
+        print(f"wrote {args.png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="servesim",
@@ -222,6 +240,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--processes", type=int)
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_cmd_calibrate)
+
+    t = sub.add_parser(
+        "timeline",
+        help="write a Perfetto/Chrome trace (and a PNG) of what every step and request did",
+        description="Simulate a scenario and write a Chrome trace JSON that opens in ui.perfetto.dev: one track "
+                    "per engine instance (each step's prefill and decode tokens) and one per request (waiting, "
+                    "prefill chunks, decoding, preemptions). --png draws the same for the first seconds.",
+    )
+    t.add_argument("scenario", help="scenario TOML file")
+    t.add_argument("--out", required=True, help="trace JSON to write")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key (repeatable)")
+    t.add_argument("--seed", type=int, help="workload seed")
+    t.add_argument("--png", metavar="PATH", help="also draw the timeline with matplotlib")
+    t.add_argument("--seconds", type=float, help="PNG: draw only the first this many simulated seconds")
+    t.add_argument("--requests", type=int, default=40, help="PNG: at most this many request rows (default 40)")
+    t.set_defaults(func=_cmd_timeline)
     return p
 
 

@@ -68,6 +68,9 @@ class StepRecord:
     num_preempted: int
     kv_blocks_used: int
     num_waiting: int
+    # who ran: (rid, tokens computed, is a decode); and who was preempted (rids)
+    work: tuple = ()
+    preempted_rids: tuple = ()
 
     @property
     def num_tokens(self) -> int:
@@ -183,8 +186,11 @@ class Engine:
             if shape.num_seqs > self.max_batch_seqs:
                 self.max_batch_seqs = shape.num_seqs
             if self.steps is not None:
-                self.steps.append(StepRecord(t0, dt, shape, self._after_idle, len(batch.preempted),
-                                             sched.kv.num_used, len(sched.waiting)))
+                self.steps.append(StepRecord(
+                    t0, dt, shape, self._after_idle, len(batch.preempted) + len(batch.aborted),
+                    sched.kv.num_used, len(sched.waiting),
+                    tuple(zip((r.rid for r in batch.reqs), batch.num_new, batch.decode)),
+                    tuple(r.rid for r in batch.preempted + batch.aborted)))
             self._after_idle = False
             step_index = self.num_steps - 1
 
