@@ -79,7 +79,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         key, _, ms = slo.partition(":")
         overrides.append(f"report.goodput.{key}={ms}")
     sc = load_scenario(args.scenario, overrides)
-    res = simulate(sc)
+    res = simulate(sc, record_steps=bool(args.output_timeseries))
     e = sc.engine
     if not args.quiet:
         print(f"Scenario: {sc.name}  ({e.scheduler}, chunked prefill "
@@ -101,6 +101,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         hits = f", {res.prefix_hit_tokens} prompt tokens from the prefix cache" if res.prefix_hit_tokens else ""
         print(f"(simulated: {res.num_steps} engine steps, {res.num_preemptions} preemptions, "
               f"peak KV {res.peak_kv_blocks} blocks on the fullest instance{hits})")
+    if args.output_timeseries:
+        from .timeseries import plot_timeseries, timeseries
+
+        ts = timeseries(res, args.timeseries_interval)
+        ts.to_csv(args.output_timeseries, index=False, float_format="%.6g")
+        png = Path(args.output_timeseries).with_suffix(".png")
+        plot_timeseries(ts, png, title=sc.name)
+        print(f"wrote {args.output_timeseries} and {png}")
     if args.output_json:
         data = _result_json(res, args.save_detailed)
         # SGLang's client writes one JSON line per run (JSONL); vLLM's a JSON document
@@ -204,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output-json", metavar="PATH", help="write vLLM's result JSON")
     r.add_argument("--save-detailed", action="store_true", help="with --output-json: per-request lists too")
     r.add_argument("--output-requests", metavar="PATH", help="write per-request results as CSV")
+    r.add_argument("--output-timeseries", metavar="PATH",
+                   help="write dashboard numbers per interval as CSV (and a PNG beside it): requests completed/s, "
+                        "running, waiting, KV usage %%, prompt and generation tokens/s per GPU, preemptions, "
+                        "prefix-cache hit rate")
+    r.add_argument("--timeseries-interval", type=float, default=1.0, metavar="S", help="interval in seconds (default 1)")
     r.add_argument("-q", "--quiet", action="store_true", help="print only the report")
     r.set_defaults(func=_cmd_run)
 

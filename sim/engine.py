@@ -71,6 +71,8 @@ class StepRecord:
     # who ran: (rid, tokens computed, is a decode); and who was preempted (rids)
     work: tuple = ()
     preempted_rids: tuple = ()
+    prefix_hit_tokens: int = 0  # cumulative prompt tokens served from the prefix cache so far
+    running: int = 0  # requests running after the step was planned
 
     @property
     def num_tokens(self) -> int:
@@ -190,7 +192,8 @@ class Engine:
                     t0, dt, shape, self._after_idle, len(batch.preempted) + len(batch.aborted),
                     sched.kv.num_used, len(sched.waiting),
                     tuple(zip((r.rid for r in batch.reqs), batch.num_new, batch.decode)),
-                    tuple(r.rid for r in batch.preempted + batch.aborted)))
+                    tuple(r.rid for r in batch.preempted + batch.aborted),
+                    sched.kv.prefix.hit_tokens if sched.kv.prefix else 0, len(sched.running)))
             self._after_idle = False
             step_index = self.num_steps - 1
 

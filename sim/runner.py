@@ -33,6 +33,8 @@ class SimResult:
     transfers: list | None = None  # PD: every KV transfer (request, link, start, end, bytes)
     prefix_hit_tokens: int = 0  # prompt tokens served from prefix caches instead of computed
     num_recomputes: int = 0  # vllm-ascend recompute scheduler: requests D sent back through P
+    instance_kv_blocks: list | None = None  # KV pool of each instance (blocks)
+    instance_gpus: list | None = None  # devices of each instance (its tensor-parallel degree)
 
 
 def make_kv_cache(e) -> KVCache:
@@ -110,4 +112,6 @@ def simulate(sc: Scenario, record_steps: bool = False) -> SimResult:
         transfers=dep.transfers if pd else None,
         prefix_hit_tokens=sum(c.hit_tokens for c in caches),
         num_recomputes=sum(g.scheduler.num_recomputes for g in engines),
+        instance_kv_blocks=[g.scheduler.kv.num_blocks for g in engines],
+        instance_gpus=[getattr(g.step_model, "tp", 1) for g in engines],
     )
