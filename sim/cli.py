@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .config import ScenarioError, load_scenario
 from .engine import SimulationStuck
@@ -191,6 +192,26 @@ def _cmd_timeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import parse_grid, sweep, write_outputs
+
+    runs, summary = sweep(args.scenario, args.grid, seeds=args.seeds, slos=args.slo, base_set=args.set,
+                          processes=args.processes, dask=args.dask_scheduler, progress=not args.no_progress)
+    keys = [k for k, _ in parse_grid(args.grid)]
+    out = Path(args.out)
+    files = write_outputs(runs, summary, keys, out, args.slo)
+    cols = [*keys, "mean_ttft_ms", "mean_ttft_ms_ci95", "mean_itl_ms", "mean_itl_ms_ci95", "output_throughput",
+            "output_throughput_ci95"] + (["request_goodput", "request_goodput_ci95"] if args.slo else [])
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(summary[cols].round(2).to_string(index=False))
+    if args.slo:
+        best = summary.loc[summary.request_goodput.idxmax()]
+        print(f"best under {', '.join(args.slo)}: " + ", ".join(f"{k}={best[k]}" for k in keys)
+              + f" (goodput {best.request_goodput:.3f} ± {best.request_goodput_ci95:.3f} req/s)")
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="servesim",
@@ -253,6 +274,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--processes", type=int)
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_cmd_calibrate)
+
+    w = sub.add_parser(
+        "sweep",
+        help="run a scenario over a grid of settings, several seeds per point",
+        description="Run SCENARIO over the cross product of every --grid axis, --seeds seeds per point, on local "
+                    "processes (default) or a Dask cluster (--dask-scheduler). Writes runs.csv, summary.csv and "
+                    "summary.parquet (mean and 95 %% confidence half-width over seeds per metric) and plots: TTFT "
+                    "vs ITL with its Pareto front, latency vs throughput along the last axis, and goodput under "
+                    "--slo.",
+    )
+    w.add_argument("scenario", help="scenario TOML file")
+    w.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                   help="one axis, e.g. engine.max_num_batched_tokens=256,512,2048 (repeatable; cross product)")
+    w.add_argument("--seeds", type=int, default=3, help="workload seeds per point (default 3)")
+    w.add_argument("--slo", action="append", metavar="METRIC=MS",
+                   help="goodput SLO, e.g. ttft_ms=2000 or tpot_ms=100 (repeatable); picks the best point")
+    w.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key for every point")
+    w.add_argument("--out", default="sweep-results", help="output directory (default ./sweep-results)")
+    w.add_argument("--processes", type=int, help="local processes (default: all cores)")
+    w.add_argument("--dask-scheduler", metavar="tcp://HOST:PORT", help="run on this Dask distributed scheduler")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
+    w.set_defaults(func=_cmd_sweep)
 
     t = sub.add_parser(
         "timeline",
