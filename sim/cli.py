@@ -212,6 +212,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare, format_table
+
+    df = compare(args.baseline, args.candidate, args.suite, args.seeds, args.tolerance, args.processes,
+                 progress=not args.no_progress)
+    print(format_table(df, args.baseline, args.candidate, args.tolerance, args.seeds))
+    if args.output:
+        df.to_csv(args.output, index=False)
+    return 1 if (df.verdict == "WORSE").any() else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="servesim",
@@ -296,6 +307,27 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--dask-scheduler", metavar="tcp://HOST:PORT", help="run on this Dask distributed scheduler")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     w.set_defaults(func=_cmd_sweep)
+
+    k = sub.add_parser(
+        "compare",
+        help="check a candidate policy against a baseline on a scenario suite (exit 1 on a regression)",
+        description="Run every scenario of a suite under a baseline and a candidate policy with the same seeds and "
+                    "report, per scenario and metric, the mean paired difference with its 95 %% interval. Exits 1 "
+                    "when the candidate is worse than --tolerance on any metric (and the interval excludes 0). "
+                    "A policy is a scheduler (vllm-v1, vllm-v0), FILE.py:Class or module:Class, or KEY=VALUE "
+                    "overrides separated by ';'.",
+    )
+    k.add_argument("--baseline", required=True, help='e.g. vllm-v1')
+    k.add_argument("--candidate", required=True,
+                   help='e.g. examples/policies/shortest_prompt_first.py:ShortestPromptFirst or '
+                        '"engine.max_num_batched_tokens=64"')
+    k.add_argument("--suite", default="standard", help="a suite under scenarios/suites/ or a directory of TOML files")
+    k.add_argument("--seeds", type=int, default=3, help="workload seeds per scenario (default 3)")
+    k.add_argument("--tolerance", type=float, default=5.0, help="allowed worsening in %% (default 5)")
+    k.add_argument("--output", metavar="CSV", help="also write the table as CSV")
+    k.add_argument("--processes", type=int, help="local processes (default: all cores)")
+    k.add_argument("--no-progress", action="store_true")
+    k.set_defaults(func=_cmd_compare)
 
     t = sub.add_parser(
         "timeline",

@@ -47,6 +47,8 @@ class EngineConfig(_Strict):
     """One engine instance. vLLM keys are vLLM's flags, SGLang keys are SGLang's (`sglang.launch_server`)."""
 
     scheduler: Literal["vllm-v0", "vllm-v1", "sglang"] = "vllm-v1"
+    policy: str | None = Field(None, description="a user's scheduling policy, FILE.py:Class or module:Class "
+                               "(a Scheduler subclass); `scheduler` still sets the flags and defaults")
     version: str | None = Field(None, description="engine release whose defaults apply (vLLM 0.11.0, SGLang 0.4.6)")
     gpu: str = Field("", description="device name, used only for per-GPU defaults")
     gpu_memory_gib: float | None = None
@@ -79,6 +81,10 @@ class EngineConfig(_Strict):
     @model_validator(mode="after")
     def _check(self):
         sglang = self.scheduler == "sglang"
+        if self.policy is not None:
+            from .schedulers import load_policy
+
+            load_policy(self.policy)  # a bad path or class is an error now, naming the field
         if self.version is None:
             self.version = "0.4.6" if sglang else "0.11.0"
         wrong = [k for k in (VLLM_ONLY if sglang else SGLANG_ONLY) if getattr(self, k) is not None]

@@ -1,4 +1,23 @@
-"""What every scheduler shares: the batch it returns and recompute preemption."""
+"""What every scheduler shares: the batch it returns and recompute preemption.
+
+Writing your own policy (`engine.policy = "my_policy.py:MyPolicy"`, or `--set engine.policy=...`):
+subclass `Scheduler` (or an engine's scheduler, e.g. `VllmV1Scheduler`, to change one thing) and
+implement `_schedule(self) -> Batch`, called once per engine step. What it sees:
+
+- `self.waiting` (deque of `Request`, arrival order unless you reorder it) and `self.running` (list);
+  a request's `num_tokens` (prompt + generated), `num_computed` (KV already computed),
+  `prompt_len`, `output_len`, `max_tokens`, `arrival_s`;
+- `self.kv` (`KVCache`): `allocate(req, total_tokens)` grows a request's blocks or returns False
+  (nothing changes); `num_free`, `num_blocks`, `block_size`; `lookup(req)` for prefix-cache hits;
+- `self.cfg` (`EngineConfig`): the budget `max_num_batched_tokens`, `max_num_seqs`, and every flag.
+
+What it returns: a `Batch`. `batch.add(req, n)` schedules `n` of the request's uncomputed tokens
+(allocate their KV first); move an admitted request from `waiting` to `running` and set its
+status to `Status.RUNNING`. To make room, `self.preempt(victim, batch)` frees a running request's
+KV (it rejoins `waiting` at the head after the step). The engine times the batch, advances the
+requests, streams tokens and frees finished requests; the invariants (budget, KV capacity, every
+request ends) are checked on every run, so a policy that breaks them fails loudly.
+"""
 
 from __future__ import annotations
 
