@@ -104,3 +104,13 @@ def test_seed004_bigger_budget_lowers_ttft_and_raises_tpot():
     on = measured[measured["chunked_prefill"] & (measured["max_num_batched_tokens"] <= 512)]
     on = on.sort_values("max_num_batched_tokens")
     assert on["mean_ttft_ms"].is_monotonic_decreasing and on["mean_tpot_ms"].is_monotonic_increasing
+
+
+@pytest.mark.parametrize("command", ["run", "validate", "calibrate", "sweep", "compare", "timeline"])
+def test_every_command_has_help(command, capsys):
+    from sim.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert f"usage: servesim {command}" in capsys.readouterr().out
