@@ -68,6 +68,15 @@ def _marks(ax, x, y, train, color, label):
                label=f"{label} measured (predicted)")
 
 
+def _save(fig, title: str, name: str) -> Path:
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = OUT / name
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def seed004() -> Path:
     d = predictions("seed004")
     d["mode"] = np.where(d.chunked_prefill.astype(str).str.lower() == "true", "on", "off")
@@ -84,12 +93,8 @@ def seed004() -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Seed 004: vLLM V0, Qwen2.5-72B GPTQ, 1000 ShareGPT requests at once (off: 256/512 reject long ones)")
-    fig.tight_layout()
-    path = OUT / "seed004_budget.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, "Seed 004: vLLM V0, Qwen2.5-72B GPTQ, 1000 ShareGPT requests at once (off: 256/512 reject long ones)",
+                 "seed004_budget.png")
 
 
 def seed002() -> Path:
@@ -108,12 +113,8 @@ def seed002() -> Path:
             ax.set_title(f"{length}/{length}", fontsize=9)
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Seed 002: DeepSeek-R1 on 8x H20, vLLM against SGLang")
-    fig.tight_layout()
-    path = OUT / "seed002_vllm_vs_sglang.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, "Seed 002: DeepSeek-R1 on 8x H20, vLLM against SGLang",
+                 "seed002_vllm_vs_sglang.png")
 
 
 def seed000() -> Path:
@@ -133,12 +134,8 @@ def seed000() -> Path:
             ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=7)
-    fig.suptitle("Seed 000: DeepSeek-R1 on 16 GPUs, random 3500/1500 (captions lost: deployments are the better-fitting hypotheses)")
-    fig.tight_layout()
-    path = OUT / "seed000_series.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, "Seed 000: DeepSeek-R1 on 16 GPUs, random 3500/1500 (captions lost: deployments are the better-fitting hypotheses)",
+                 "seed000_series.png")
 
 
 def main() -> None:

@@ -41,7 +41,6 @@ class PrefixCache:
         self.free_queue: OrderedDict[object, int] = OrderedDict()
         self._anon = itertools.count()
         self.hit_tokens = 0
-        self.evictions = 0
 
     # --- keys -------------------------------------------------------------------------
     def chunk_key(self, req: Request, i: int) -> tuple:
@@ -106,9 +105,7 @@ class PrefixCache:
         while n > 0:
             key, blocks = next(iter(q.items()))
             del q[key]
-            if key in self.entries:
-                del self.entries[key]
-                self.evictions += 1
+            self.entries.pop(key, None)  # a cached chunk handed out again is forgotten
             if blocks > n:
                 q[("anon", next(self._anon))] = blocks - n
                 q.move_to_end(next(reversed(q)), last=False)
