@@ -249,7 +249,7 @@ class WorkloadConfig(_Strict):
         "vllm", description="vllm: `vllm bench serve` (>= 0.8); vllm-legacy: old benchmark_serving.py; "
         "sglang: python -m sglang.bench_serving"
     )
-    dataset_name: Literal["random", "sharegpt", "trace"] = "random"
+    dataset_name: Literal["random", "sharegpt", "trace", "lengths"] = "random"
     num_prompts: int | None = Field(None, ge=1)
     request_rate: float = Field(math.inf, gt=0)
     burstiness: float = Field(1.0, gt=0)
@@ -275,6 +275,9 @@ class WorkloadConfig(_Strict):
     # sharegpt
     dataset_path: str | None = None
     sharegpt_output_len: int | None = Field(None, ge=1)
+    # lengths: a CSV of num_prefill_tokens, num_decode_tokens (Vidur's length traces), in dataset_path
+    lengths_max_tokens: int | None = Field(None, ge=2, description="Vidur's trace max_tokens: a longer request "
+                                           "loses the excess from prompt and output in proportion")
     # trace
     trace_path: str | None = None
     trace_time_scale: float = Field(1.0, gt=0)
@@ -288,6 +291,8 @@ class WorkloadConfig(_Strict):
     def _check(self):
         if self.dataset_name == "trace" and not self.trace_path:
             raise ValueError("dataset_name 'trace' needs trace_path")
+        if self.dataset_name == "lengths" and not self.dataset_path:
+            raise ValueError("dataset_name 'lengths' needs dataset_path (a CSV of num_prefill_tokens, num_decode_tokens)")
         if self.client == "vllm" and self.random_range_ratio is not None and not self.random_range_ratio < 1:
             raise ValueError("random_range_ratio must be in [0, 1) for the vllm client")
         if self.client != "vllm" and self.random_range_ratio is not None and self.random_range_ratio > 1:

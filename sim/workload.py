@@ -125,6 +125,29 @@ def stop_early_at_eos(samples: list[Sample], mean: float, rng: np.random.Generat
     return out
 
 
+def sample_lengths(path: str, num_prompts: int, seed: int, max_tokens: int | None) -> list[Sample]:
+    """Vidur's trace length generator: a CSV of `num_prefill_tokens, num_decode_tokens`, rows in
+    a seeded shuffled order. A request over `max_tokens` in total gives up the excess from prompt
+    and output in proportion to their lengths (each rounded up), keeping at least one of each."""
+    if not Path(path).exists():
+        raise WorkloadError(f"workload.dataset_path: file not found: {path}")
+    df = pd.read_csv(path)
+    missing = {"num_prefill_tokens", "num_decode_tokens"} - set(df.columns)
+    if missing:
+        raise WorkloadError(f"workload.dataset_path: {path} lacks column(s) {sorted(missing)}")
+    p = df["num_prefill_tokens"].astype(int)
+    d = df["num_decode_tokens"].astype(int)
+    if max_tokens is not None:
+        total = p + d
+        excess = (total - max_tokens).clip(lower=0)
+        p, d = p - np.ceil(excess * p / total).astype(int), d - np.ceil(excess * d / total).astype(int)
+    p, d = p.clip(lower=1), d.clip(lower=1)
+    if num_prompts > len(df):
+        raise WorkloadError(f"workload.num_prompts: {path} has {len(df)} rows, {num_prompts} requested")
+    order = pd.DataFrame({"p": p, "d": d}).sample(frac=1, random_state=seed).iloc[:num_prompts]
+    return [Sample(int(a), int(b)) for a, b in zip(order["p"], order["d"])]
+
+
 def load_trace(path: str, num_prompts: int | None, time_scale: float) -> tuple[list[Sample], np.ndarray]:
     """Azure-style trace: TIMESTAMP (datetime or seconds), ContextTokens, GeneratedTokens.
 
@@ -199,6 +222,8 @@ def build_requests(w) -> list[Request]:
             rs if legacy else np.random.default_rng(w.seed), w.num_prompts, w.random_input_len, w.random_output_len,
             w.resolved_range_ratio, w.random_prefix_len, legacy, sglang=w.client == "sglang",
         )
+    elif w.dataset_name == "lengths":
+        samples = sample_lengths(w.dataset_path, w.num_prompts, w.seed, w.lengths_max_tokens)
     else:
         samples, times = load_trace(w.trace_path, w.num_prompts, w.trace_time_scale)
     if w.output_len_mean is not None:
