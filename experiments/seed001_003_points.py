@@ -39,7 +39,7 @@ def main() -> None:
     sc = load_scenario(ROOT / "scenarios/seed001/prefix-cache-hit.toml")
     run = simulate(sc)
     first, second = sorted(run.requests, key=lambda r: r.rid)
-    t1, t2 = (first.token_times[0] - first.start_s) * 1e3, (second.token_times[0] - second.start_s) * 1e3
+    t1, t2 = (first.first_token_s - first.start_s) * 1e3, (second.first_token_s - second.start_s) * 1e3
     lines += ["", "## Seed 001: prefix-cache hit", "",
               f"Prompt: {sc.workload.random_prefix_len} shared tokens + {sc.workload.random_input_len} new "
               f"(assumed; the article gives no length). {second.cached_tokens} tokens came from the radix cache.", "",

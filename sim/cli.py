@@ -80,7 +80,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         key, _, ms = slo.partition(":")
         overrides.append(f"report.goodput.{key}={ms}")
     sc = load_scenario(args.scenario, overrides)
-    res = simulate(sc, record_steps=bool(args.output_timeseries))
+    res = simulate(sc, record_steps=bool(args.output_timeseries), keep_token_times=args.save_detailed or None)
     e = sc.engine
     if not args.quiet:
         print(f"Scenario: {sc.name}  ({e.scheduler}, chunked prefill "

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import simpy
 
 from .request import Request
+from .tokens import TokenStats
 
 
 class BenchmarkClient:
@@ -23,8 +24,12 @@ class BenchmarkClient:
         requests: list[Request],
         max_concurrency: int | None,
         think_time_s: float = 0.0,
+        keep_token_times: bool = True,
     ):
         self.env = env
+        # token aggregates of every finished stream; per-token times are dropped unless kept
+        self.stats = TokenStats()
+        self.keep_token_times = keep_token_times
         # later turns of a conversation are sent when the turn before them completes
         self.requests = sorted((r for r in requests if r.follows < 0), key=lambda r: r.arrival_s)
         self.next_turn = {r.follows: r for r in requests if r.follows >= 0}
@@ -79,6 +84,9 @@ class BenchmarkClient:
 
     def on_done(self, req: Request) -> None:
         """The response stream ended (completed or failed)."""
+        self.stats.add(req)
+        if not self.keep_token_times:
+            req.pieces = None
         self.in_flight -= 1
         if self.permits is not None:
             self._releases.append(req.rid)

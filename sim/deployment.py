@@ -39,7 +39,8 @@ class Router:
 
 
 class Deployment:
-    def __init__(self, env: simpy.Environment, sc, on_done: Callable[[Request], None], record_steps: bool):
+    def __init__(self, env: simpy.Environment, sc, on_done: Callable[[Request], None], record_steps: bool,
+                 compress: bool = True):
         from .runner import make_kv_cache
 
         e, d = sc.engine, sc.deployment
@@ -49,7 +50,7 @@ class Deployment:
         for i in range(d.instances):
             sched = make_scheduler(e, make_kv_cache(e))
             self.engines.append(Engine(env, sched, sc.step_time.build(), e.max_model_len, self._done, record_steps,
-                                       spec_seed=sc.workload.seed * 1000 + i))
+                                       spec_seed=sc.workload.seed * 1000 + i, compress=compress))
 
     def submit(self, req: Request) -> None:
         i = self.router.pick()

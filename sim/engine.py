@@ -16,12 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import random
+from heapq import heappush
 
+import numpy as np
 import simpy
+from simpy.events import NORMAL
 
 from .request import Request, Status
 from .schedulers.base import Scheduler
-from .step_time import BatchShape, StepTimeModel
+from .step_time import BatchShape, StepTimeModel, decode_run_ends
+from .tokens import StepClock, emit_chunk
 
 
 def front_door_error(req: Request, max_model_len: int, engine: str = "vllm") -> str:
@@ -89,6 +93,7 @@ class Engine:
         on_done: Callable[[Request], None],
         record_steps: bool = False,
         spec_seed: int = 0,
+        compress: bool = True,
     ):
         self.env = env
         self.scheduler = scheduler
@@ -105,6 +110,17 @@ class Engine:
         cfg = scheduler.cfg
         self.spec_acceptance = list(cfg.spec_acceptance or []) if cfg.num_speculative_tokens else []
         self._spec_rng = random.Random(spec_seed)
+        # Token times (sim.tokens): a decode clock ticks at every step in which requests decode,
+        # a prefill clock at every step in which a prompt completes, so a request decoding
+        # through many steps (around prefill-only steps, too) is one piece on the decode clock.
+        # Recording uses one clock ticked by every step, whose index is then the step's.
+        self.dclock = StepClock()
+        self.pclock = self.dclock if record_steps else StepClock()
+        # event compression (see _decode_run); recording keeps every step's plan, so it plans each
+        self.compress = compress and not record_steps
+        self._run_ends = None  # step end times of the decode run in progress
+        scheduler.compress = self.compress
+        scheduler.decode_clock = self.dclock
         self.process = env.process(self._run())
 
     # --- arrivals -----------------------------------------------------------------
@@ -124,13 +140,19 @@ class Engine:
             req.error = error
             self.on_done(req)
             return
-        self.scheduler.add(req)
-        self.wake()
+        sched = self.scheduler
+        sched.add(req)
+        if self._run_ends is None or sched.rejected or sched.arrival_may_change_plan():
+            self.wake()
 
     def wake(self) -> None:
-        """New work arrived (a request, or KV transferred in): end an idle wait."""
+        """New work arrived (a request, or KV transferred in): end an idle wait, or cut a decode
+        run short at the end of the step under way (the next plan may admit it)."""
         if self._wakeup is not None and not self._wakeup.triggered:
             self._wakeup.succeed()
+        elif self._run_ends is not None:
+            self._run_ends = None
+            self.process.interrupt()
 
     def _accepted_drafts(self, k: int) -> int:
         a = 0
@@ -175,6 +197,10 @@ class Engine:
                 self._after_idle = True
                 continue
 
+            if batch.group and batch.group == len(batch.reqs):
+                # the decode group alone: one event for as many steps as cannot change
+                yield from self._decode_run(batch, sched.steady_steps(batch))
+                continue
             shape = batch.shape
             dt = self.step_model.step_time(shape)
             t0 = env.now
@@ -195,11 +221,17 @@ class Engine:
                     tuple(r.rid for r in batch.preempted + batch.aborted),
                     sched.kv.prefix.hit_tokens if sched.kv.prefix else 0, len(sched.running)))
             self._after_idle = False
-            step_index = self.num_steps - 1
 
+            dk = pk = -1  # this step's entry on the decode / prefill clock, once someone emits
+            if self.steps is not None:
+                dk = pk = self.dclock.tick(now)  # one clock: its index is the step's
             finished = []
+            g = batch.group
+            if g:  # the decode group's tokens: one clock entry for all of them (sim.decode_group)
+                dk = self.dclock.tick(now)
+                finished = self._group_finished(*sched.advance_decode_run(batch, 1), 1)
             cache = sched.kv.prefix
-            for req, n, decode in zip(batch.reqs, batch.num_new, batch.decode):
+            for req, n, decode in zip(batch.reqs[g:], batch.num_new[g:], batch.decode[g:]):
                 if decode and n > 1:
                     # speculative decode: drafts are accepted in order until the first rejection;
                     # the accepted ones plus one new token arrive together, as one stream chunk
@@ -215,9 +247,14 @@ class Engine:
                         continue  # a prefill chunk: no token yet
                     emitted = 1  # all KV present: the model samples one token, streamed now
                 req.output_len += emitted
-                req.token_times.extend([now] * emitted)
-                if self.steps is not None:
-                    req.token_steps.extend([step_index] * emitted)
+                if decode:
+                    if dk < 0:
+                        dk = self.dclock.tick(now)
+                    emit_chunk(req, self.dclock, dk, emitted)
+                else:
+                    if pk < 0:
+                        pk = self.pclock.tick(now)
+                    emit_chunk(req, self.pclock, pk, emitted)
                 if req.output_len >= req.max_tokens:
                     req.status = Status.FINISHED
                     finished.append(req)
@@ -227,3 +264,65 @@ class Engine:
                     self.on_done(req)
             for hook in self.after_step:
                 hook()
+
+    def _decode_run(self, batch, steps: int):
+        """`steps` steps of a steady decode batch as one event (event compression).
+
+        Between two changes of the batch (an arrival admitted, a prefill chunk, a completion,
+        a preemption) every step decodes the same requests and differs from the one before
+        only by one more context token per request, so the step times are one vectorised
+        call and the end times one running sum (the same additions, in the same order, as
+        step by step). The scheduler said how many steps cannot change (`steady_steps`); an
+        arrival during the run ends it with the step under way, exactly where the step-by-step
+        engine would first see it. `simulate(compress=False)` is the reference this is tested
+        against.
+        """
+        env, sched = self.env, self.scheduler
+        ends = decode_run_ends(self.step_model, batch.shape, steps, env.now)
+        self._run_ends = ends
+        try:
+            yield _timeout_at(env, float(ends[-1]))
+            done = steps
+        except simpy.Interrupt:
+            # something arrived during step j (or exactly at its end): the run ends with it
+            done = int(np.searchsorted(ends, env.now, side="left")) + 1
+            yield _timeout_at(env, float(ends[done - 1]))
+        self._run_ends = None
+
+        shape = batch.shape
+        self.num_steps += done
+        sched.steps_done = self.num_steps
+        if shape.num_seqs > self.max_batch_tokens:
+            self.max_batch_tokens = shape.num_seqs
+        if shape.num_seqs > self.max_batch_seqs:
+            self.max_batch_seqs = shape.num_seqs
+        self._after_idle = False
+        left, fewest = sched.advance_decode_run(batch, done)  # the KV the later steps allocated
+        self.dclock.ticks(ends[:done])  # every member got one token per step (sim.decode_group)
+        finished = self._group_finished(left, fewest, done)
+        if finished:
+            sched.release_finished(finished)
+            for req in finished:
+                self.on_done(req)
+
+    def _group_finished(self, left, fewest: int, steps: int) -> list[Request]:
+        """Decode-group members whose last token came in the steps just run: they leave the group."""
+        if steps < fewest:
+            return []
+        done = np.nonzero(left == steps)[0]
+        if not len(done):
+            return []
+        finished = self.scheduler.group.leave(done)
+        for req in finished:
+            req.status = Status.FINISHED
+        return finished
+
+
+def _timeout_at(env: simpy.Environment, t: float) -> simpy.Event:
+    """An event at exactly time `t`. A timeout lands at now + delay, and no delay may make
+    that sum equal `t` (the step-by-step engine reached it by adding one step at a time), so
+    the event is queued the way SimPy's `Event.succeed` queues it, with its time given."""
+    ev = env.event()
+    ev._ok, ev._value = True, None
+    heappush(env._queue, (t, NORMAL, next(env._eid), ev))
+    return ev

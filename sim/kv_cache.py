@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+import numpy as np
+
 from .prefix_cache import PrefixCache
 from .request import Request
 
@@ -119,6 +121,26 @@ class KVCache:
         if used > self.peak_used:
             self.peak_used = used
         return True
+
+    # --- runs of decode steps (event compression) --------------------------------------------
+    def decode_run_blocks(self, computed, blocks, steps: int):
+        """Blocks each decoding request takes over `steps` more one-token steps after the one
+        already allocated for, allocated as `allocate` does step by step: crossing into a new
+        block takes it and the preallocation. Arrays in, array out; exact while the pool never
+        runs short."""
+        chunk = 1 + self.preallocate_blocks
+        over = computed + (steps + 1) - blocks * self.block_size
+        return chunk * np.maximum(0, -(-over // (chunk * self.block_size)))
+
+    def take_blocks(self, total: int) -> None:
+        """Hand out `total` free blocks at once: the same blocks leave the free queue (prefix
+        cache) as in several smaller allocations, and the peak is the same."""
+        if self.prefix:
+            self.prefix.take(total)
+        self.num_free -= total
+        used = self.num_blocks - self.num_free
+        if used > self.peak_used:
+            self.peak_used = used
 
     def free(self, req: Request) -> None:
         # with prefix caching a request's blocks may be shared; only the unshared ones free up

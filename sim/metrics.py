@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .request import Request, Status
+from .tokens import TokenStats
 
 METRIC_TITLES = {
     "ttft": ("Time to First Token", "TTFT"),
@@ -31,10 +32,8 @@ def request_table(requests: list[Request]) -> pd.DataFrame:
     rows = []
     for r in requests:
         ok = r.status is Status.FINISHED
-        first = r.token_times[0] if r.token_times else np.nan
-        last = r.token_times[-1] if r.token_times else np.nan
-        ttft = first - r.start_s if ok else np.nan
-        e2el = last - r.start_s if ok else np.nan
+        ttft = r.first_token_s - r.start_s if ok else np.nan
+        e2el = r.last_token_s - r.start_s if ok else np.nan
         tpot = (e2el - ttft) / (r.output_len - 1) if ok and r.output_len > 1 else np.nan
         rows.append(
             (r.rid, r.arrival_s, r.start_s, r.prompt_len, r.max_tokens, r.output_len if ok else 0, ok,
@@ -47,40 +46,27 @@ def request_table(requests: list[Request]) -> pd.DataFrame:
     )
 
 
-def pooled_itls_s(requests: list[Request]) -> np.ndarray:
-    """One gap per streamed chunk, as the client measures it; tokens that arrive in the same
-    step (speculative decoding) come in one chunk."""
-    gaps = []
-    for r in requests:
-        if r.status is Status.FINISHED and len(r.token_times) > 1:
-            d = np.diff(r.token_times)
-            gaps.append(d[d > 0])
-    return np.concatenate(gaps) if gaps else np.empty(0)
-
-
 def _pct_label(p: float) -> str:
     return str(int(p)) if float(p).is_integer() else str(p)
 
 
-def peak_rates(requests: list[Request]) -> tuple[float, int]:
+def peak_rates(requests: list[Request], stats: TokenStats) -> tuple[float, int]:
     """`vllm bench serve`'s peaks over 1-second buckets from the earliest start.
 
     Each token adds one to the bucket it arrived in; each request adds one to every bucket
     from its start to its end, inclusive. Successful requests only.
     """
-    ok = [r for r in requests if r.status is Status.FINISHED and r.token_times]
+    ok = [r for r in requests if r.status is Status.FINISHED and r.output_len]
     if not ok:
         return 0.0, 0
-    t0 = min(r.start_s for r in ok)
-    t_end = max(r.token_times[-1] for r in ok)
-    n = int(np.ceil(t_end - t0)) + 1
-    tokens = np.zeros(n)
-    for r in ok:
-        np.add.at(tokens, (np.asarray(r.token_times) - t0).astype(int), 1)
+    start = np.array([r.start_s for r in ok])
+    end = np.array([r.last_token_s for r in ok])
+    t0 = start.min()
+    n = int(np.ceil(end.max() - t0)) + 1
+    tokens = stats.tokens_per_bucket(t0, n)
     conc = np.zeros(n + 1, dtype=int)
-    for r in ok:
-        conc[int(r.start_s - t0)] += 1
-        conc[int(r.token_times[-1] - t0) + 1] -= 1
+    np.add.at(conc, (start - t0).astype(int), 1)
+    np.add.at(conc, (end - t0).astype(int) + 1, -1)
     return float(tokens.max()), int(np.cumsum(conc).max())
 
 
@@ -101,7 +87,12 @@ def calculate_metrics(
     percentile_metrics: list[str],
     percentiles: list[float],
     goodput: dict[str, float] | None = None,
+    stats: TokenStats | None = None,
 ) -> BenchmarkResult:
+    """`stats`: the client's token aggregates (sim.tokens); built from the requests' kept
+    token times when not given."""
+    if stats is None:
+        stats = TokenStats.from_requests(requests)
     df = request_table(requests)
     ok = df[df["success"]]
     completed = len(ok)
@@ -110,7 +101,6 @@ def calculate_metrics(
     series_ms = {
         "ttft": ok["ttft_s"].to_numpy() * 1000,
         "tpot": ok["tpot_s"].dropna().to_numpy() * 1000,
-        "itl": pooled_itls_s(requests) * 1000,
         "e2el": ok["e2el_s"].to_numpy() * 1000,
     }
     m: dict = {
@@ -129,14 +119,20 @@ def calculate_metrics(
         m["request_goodput"] = int(good.sum()) / duration_s if duration_s > 0 else 0.0
     m["output_throughput"] = total_output / duration_s if duration_s > 0 else 0.0
     m["total_token_throughput"] = (total_input + total_output) / duration_s if duration_s > 0 else 0.0
-    m["max_output_tokens_per_s"], m["max_concurrent_requests"] = peak_rates(requests)
+    m["max_output_tokens_per_s"], m["max_concurrent_requests"] = peak_rates(requests, stats)
     # SGLang's extras: input throughput, concurrency = sum of E2E over duration, p95/max ITL
     m["input_throughput"] = total_input / duration_s if duration_s > 0 else 0.0
     m["concurrency"] = float(ok["e2el_s"].sum()) / duration_s if duration_s > 0 else 0.0
-    itl = series_ms["itl"]
-    m["p95_itl_ms"] = float(np.percentile(itl, 95)) if len(itl) else 0.0
-    m["max_itl_ms"] = float(np.max(itl)) if len(itl) else 0.0
-    for name in ("ttft", "tpot", "itl", "e2el"):
+    # ITL: pooled over every gap of every successful stream, from the weighted aggregate
+    itl = stats.itl_summary_ms(sorted(set(percentiles) | {95.0}))
+    has = itl["count"] > 0
+    m["p95_itl_ms"] = itl[95.0] if has else 0.0
+    m["max_itl_ms"] = itl["max"] if has else 0.0
+    for stat in ("mean", "median", "std"):
+        m[f"{stat}_itl_ms"] = itl[stat] if has else 0.0
+    for p in percentiles:
+        m[f"p{_pct_label(p)}_itl_ms"] = itl[p] if has else 0.0
+    for name in ("ttft", "tpot", "e2el"):
         x = series_ms[name]
         has = len(x) > 0
         m[f"mean_{name}_ms"] = float(np.mean(x)) if has else 0.0

@@ -35,6 +35,7 @@ from .deployment import Router
 from .engine import Engine, front_door_error
 from .request import Request, Status
 from .schedulers import make_scheduler
+from .tokens import StepClock, emit_chunk
 
 
 @dataclass
@@ -47,7 +48,10 @@ class Transfer:
 
 
 class PDDeployment:
-    def __init__(self, env: simpy.Environment, sc, on_done: Callable[[Request], None], record_steps: bool):
+    def __init__(self, env: simpy.Environment, sc, on_done: Callable[[Request], None], record_steps: bool,
+                 compress: bool = True):
+        # compress is not used: KV transfers change a decode engine's pool and queues from outside
+        # its step loop, so PD engines plan every step
         from .runner import make_kv_cache
 
         self.env, self.sc, self.on_done = env, sc, on_done
@@ -59,14 +63,16 @@ class PDDeployment:
         self.front_door = "sglang" if sc.engine.scheduler == "sglang" else "vllm"
         p_model, d_model = p_st.build(), d_st.build()
         self.prefill = [Engine(env, make_scheduler(p_eng, make_kv_cache(p_eng)), p_model, p_eng.max_model_len,
-                               self._prefilled, record_steps) for _ in range(d.prefill_instances)]
+                               self._prefilled, record_steps, compress=False) for _ in range(d.prefill_instances)]
         self.decode = [Engine(env, make_scheduler(d_eng, make_kv_cache(d_eng)), d_model, d_eng.max_model_len,
-                              self._decoded, record_steps, spec_seed=sc.workload.seed * 1000 + i)
+                              self._decoded, record_steps, spec_seed=sc.workload.seed * 1000 + i,
+                              compress=False)
                        for i in range(d.decode_instances)]
         self.p_router = Router(d.router, d.prefill_instances, sc.workload.seed)
         self.d_router = Router(d.router, d.decode_instances, sc.workload.seed + 1)
         self.links = [simpy.Resource(env, capacity=1) for _ in self.prefill]
         self.transfers: list[Transfer] = []
+        self.first_token_clock = StepClock()  # SGLang design: P's first token reaches the client when its KV lands
         self.reserved = d.reserved_decode_tokens
         self.queues: list[deque] = [deque() for _ in self.decode]  # D admission queues (FIFO)
         self.holding = [0] * len(self.decode)  # requests holding KV on D but not yet in its queues
@@ -209,7 +215,7 @@ class PDDeployment:
         eng = self.decode[dd]
         if self.design == "sglang":
             req.output_len = 1  # P's first token, streamed by D
-            req.token_times.append(self.env.now)
+            emit_chunk(req, self.first_token_clock, self.first_token_clock.tick(self.env.now))
             if req.max_tokens == 1:
                 req.status = Status.FINISHED
                 eng.scheduler.kv.free(req)

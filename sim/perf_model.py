@@ -315,6 +315,20 @@ class RooflineStepTime:
         prefill = c.prefill_overhead_s * (f[:, PREFILL_TOKENS] > 0)
         return c.step_overhead_s + c.per_seq_s * f[:, SEQS] + prefill + np.maximum(c.launch_overhead_s, t_gpu)
 
+    def decode_step_times(self, b: BatchShape, ctx: np.ndarray) -> np.ndarray:
+        """`step_time` of the decode-only batch `b` with its context total replaced by each value
+        of `ctx` (a run of decode steps). The batch-constant terms are computed as `step_time`
+        computes them and only the context terms as arrays, in the same order: the same floats."""
+        c = self.coeffs
+        tokens = b.prefill_tokens + b.decode_seqs + b.spec_tokens
+        compute_fixed = self._s_per_token_flop * tokens + self._s_per_seq_flop * b.num_seqs
+        t_compute = (compute_fixed + self._s_per_pair * (b.prefill_attn_pairs + ctx)) / c.compute_efficiency
+        memory_fixed = self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)
+        t_memory = (memory_fixed + self._s_per_ctx_token * ctx) / c.memory_efficiency
+        t_gpu = np.maximum(t_compute, t_memory) + self._s_comm_per_token * tokens / c.comm_efficiency
+        prefill = c.prefill_overhead_s if b.prefill_tokens else 0.0
+        return c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill + np.maximum(c.launch_overhead_s, t_gpu)
+
     @property
     def frontend_latency_s(self) -> float:
         return self.coeffs.frontend_latency_s

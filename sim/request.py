@@ -10,8 +10,11 @@ rule, which is why the schedulers need no special cases for them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
+from itertools import groupby
+
+from . import tokens
 
 
 class Status(str, Enum):
@@ -39,7 +42,10 @@ class Request:
     num_preemptions: int = 0
     instance: int = -1  # which engine instance the router sent it to
     hold_kv: bool = False  # a PD prefill job keeps its KV after finishing, until the transfer ends
-    token_times: list[float] = field(default_factory=list)
+    # streamed tokens (see sim.tokens): first and last token times, and runs of engine steps
+    first_token_s: float = math.nan
+    last_token_s: float = math.nan
+    pieces: list | None = None  # [clock, first step, end step, tokens per step]; None once folded
     error: str = ""
     # prefix caching: the prompt's content as (segment id, length) runs; None = unique content
     segments: tuple[tuple[int, int], ...] | None = None
@@ -50,8 +56,7 @@ class Request:
     # prompt and reply (the client fills them in then)
     follows: int = -1
     new_message_len: int = 0
-    # recorded only with record_steps=True, for exact replay (calibration)
-    token_steps: list[int] = field(default_factory=list)  # engine step that emitted each token
+    # for exact replay (calibration)
     permit_from: int = -1  # rid of the request whose completion freed this one's permit (-1: none)
     end_step: int = -1  # for a request the scheduler rejected: engine steps completed by then
 
@@ -66,5 +71,31 @@ class Request:
         return self.num_tokens - self.num_computed > 1 or self.output_len == 0
 
     @property
+    def token_times(self) -> list[float]:
+        """Every token's arrival time; needs the pieces (kept with keep_token_times)."""
+        if self.pieces is None and self.output_len:
+            raise ValueError(f"request {self.rid}: per-token times were not kept (simulate(keep_token_times=True))")
+        return tokens.token_times(self)
+
+    @token_times.setter
+    def token_times(self, times) -> None:
+        """Give a request these token times (tests, hand-made requests): one clock step per
+        distinct time, tokens at the same time forming one chunk."""
+        clock = tokens.StepClock()
+        self.pieces = None
+        for t, n in _runs(list(times)):
+            clock.tick(t)
+            tokens.emit_chunk(self, clock, len(clock) - 1, n)
+
+    @property
+    def token_steps(self) -> list[int]:
+        """The engine step that emitted each token (single-engine runs)."""
+        return tokens.token_steps(self)
+
+    @property
     def done(self) -> bool:
         return self.status in (Status.FINISHED, Status.FAILED)
+
+
+def _runs(times: list[float]):
+    return [(t, len(list(g))) for t, g in groupby(times)]

@@ -51,13 +51,28 @@ def make_kv_cache(e) -> KVCache:
                    prefix_chunk_blocks=1 if e.enable_prefix_caching else 0)
 
 
-def simulate(sc: Scenario, record_steps: bool = False) -> SimResult:
+KEEP_TOKEN_TIMES_UP_TO = 100_000  # requests; beyond, only the aggregates are kept (memory)
+
+
+def simulate(sc: Scenario, record_steps: bool = False, keep_token_times: bool | None = None,
+             compress: bool = True) -> SimResult:
+    """Run one scenario.
+
+    record_steps: keep every engine step (timelines, calibration); steps are then simulated
+    one by one. keep_token_times: keep every token's time on the requests (default: with
+    record_steps, or for runs of up to 100,000 requests); the report never needs them.
+    compress: advance runs of identical decode steps in one event (sim.engine); False runs
+    every step through the scheduler, the reference the compressed path is tested against.
+    """
     w = sc.workload
     env = simpy.Environment()
     requests = build_requests(w)
-    client = BenchmarkClient(env, requests, w.max_concurrency, w.think_time_s)
+    if keep_token_times is None:
+        keep_token_times = record_steps or len(requests) <= KEEP_TOKEN_TIMES_UP_TO
+    client = BenchmarkClient(env, requests, w.max_concurrency, w.think_time_s, keep_token_times)
     pd = sc.deployment.mode == "pd"
-    dep = (PDDeployment if pd else Deployment)(env, sc, client.on_done, record_steps)
+    dep = (PDDeployment if pd else Deployment)(env, sc, client.on_done, record_steps,
+                                                compress=compress and not record_steps)
     client.start(dep.submit)
 
     try:
@@ -94,6 +109,7 @@ def simulate(sc: Scenario, record_steps: bool = False) -> SimResult:
         [s.strip() for s in rep.percentile_metrics.split(",")],
         sorted({float(p) for p in rep.metric_percentiles.split(",")} | ({99.0} if w.client == "sglang" else set())),
         rep.goodput,
+        client.stats,
     )
     engines = dep.engines
     caches = [g.scheduler.kv.prefix for g in engines if g.scheduler.kv.prefix is not None]

@@ -92,16 +92,50 @@ class StepTimeParams:
             + self.per_decode_ctx_token_s * b.decode_ctx_tokens
         )
 
+    def decode_step_times(self, b: BatchShape, ctx):
+        """`step_time` of batch `b` with its context total replaced by each value of `ctx` (an
+        array): the same operations in the same order, so the same floats."""
+        return (
+            self.step_overhead_s
+            + self.per_seq_s * b.num_seqs
+            + self.per_prefill_token_s * (b.prefill_tokens + b.spec_tokens)
+            + self.per_decode_seq_s * b.decode_seqs
+            + self.per_prefill_attn_pair_s * b.prefill_attn_pairs
+            + self.per_decode_ctx_token_s * ctx
+        )
+
     def step_times(self, f):
-        """Vectorised over a step-feature matrix (columns as in `sim.perf_model.features`)."""
+        """Vectorised over a step-feature matrix (columns as in `sim.perf_model.features`),
+        the same operations in the same order as `step_time`, so the same floats come out."""
         return (
             self.step_overhead_s
             + self.per_seq_s * f[:, 0]
             + self.per_prefill_token_s * (f[:, 1] + f[:, 5])
-            + self.per_prefill_attn_pair_s * f[:, 2]
             + self.per_decode_seq_s * f[:, 3]
+            + self.per_prefill_attn_pair_s * f[:, 2]
             + self.per_decode_ctx_token_s * f[:, 4]
         )
+
+
+def decode_run_ends(model, shape: BatchShape, steps: int, now: float):
+    """End times of `steps` pure-decode steps of the batch `shape` starting at `now`, each
+    attending over one more token per request than the step before (the only thing that
+    changes in a run). The durations are `step_time`'s floats and the ends are added up one
+    step at a time, as the step-by-step engine adds them: the same times, bit for bit. Short
+    runs are cheaper step by step; long ones take one vectorised call (`decode_step_times`)."""
+    import numpy as np
+
+    b = shape
+    if steps <= 8 or not hasattr(model, "decode_step_times"):
+        ends, t = [], now
+        for j in range(steps):
+            t += model.step_time(BatchShape(b.num_seqs, b.prefill_tokens, b.prefill_attn_pairs, b.decode_seqs,
+                                            b.decode_ctx_tokens + b.num_seqs * j, b.spec_tokens))
+            ends.append(t)
+        return np.array(ends)
+    ctx = b.decode_ctx_tokens + b.num_seqs * np.arange(steps, dtype=np.int64)
+    dts = np.asarray(model.decode_step_times(b, ctx), dtype=np.float64) * np.ones(steps)
+    return np.cumsum(np.concatenate(([now], dts)))[1:]  # sequential, like now += dt
 
 
 class StepTimeModel(Protocol):

@@ -122,7 +122,7 @@ def plot_timeline(res, path: str | Path, seconds: float | None = None, max_reque
     for rid, t in preemptions:
         if rid in row and t < end:
             ax2.plot(t, row[rid], "rx")
-    first = {r.rid: r.token_times[0] for r in res.requests if r.token_times and r.rid in row}
+    first = {r.rid: r.first_token_s for r in res.requests if r.output_len and r.rid in row}
     ax2.plot([t for t in first.values() if t < end], [row[r] for r, t in first.items() if t < end], "k|", ms=9)
     ax2.set_ylabel("request id")
     ax2.set_yticks(range(len(rids)), [str(r) for r in rids], fontsize=7)

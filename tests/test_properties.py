@@ -199,7 +199,8 @@ def check_invariants(data):
             assert all(a_end <= b_start + 1e-12 for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
     # (the runner itself raises if any KV block is still in use at the end)
 
-    # the same seed gives the same report
+    # the same seed gives the same report, also without recording (which compresses decode runs
+    # and keeps token times on two clocks: sums of ITLs may add in another order)
     again = simulate(sc)
-    assert again.bench.metrics == res.bench.metrics
+    assert again.bench.metrics == pytest.approx(res.bench.metrics, rel=1e-12, abs=1e-12)
     return res

@@ -17,14 +17,21 @@ status to `Status.RUNNING`. To make room, `self.preempt(victim, batch)` frees a 
 KV (it rejoins `waiting` at the head after the step). The engine times the batch, advances the
 requests, streams tokens and frees finished requests; the invariants (budget, KV capacity, every
 request ends) are checked on every run, so a policy that breaks them fails loudly.
+
+Event compression: after planning a step, the engine asks `steady_steps(batch)` how many steps,
+this one included, would plan exactly the same pure-decode batch if nothing arrived, and runs
+them as one event (sim.engine). The default answer is 1 (plan every step), so a policy that
+overrides `_schedule` is simulated step by step unless it also answers `steady_steps`.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+import numpy as np
 
-from ..kv_cache import KVCache
+from ..decode_group import DecodeGroup
+from ..kv_cache import KVCache, KVCacheError
 from ..request import Request, Status
 from ..step_time import BatchShape
 
@@ -39,6 +46,7 @@ class Batch:
     preempted: list[Request] = field(default_factory=list)
     decode: list[bool] = field(default_factory=list)  # per request: a decode (maybe verifying drafts)
     aborted: list[Request] = field(default_factory=list)  # handed back for a re-prefill elsewhere
+    group: int = 0  # the first `group` entries are the decode group's (sim.decode_group), one token each
 
     def add(self, req: Request, n: int, decode: bool | None = None) -> None:
         """`decode`: the scheduler's own word; by default, one token after a generated one."""
@@ -75,6 +83,11 @@ class Scheduler:
         # deployment (to be prefilled again on P) instead of being preempted here
         self.on_recompute = None
         self.num_recomputes = 0
+        # event compression (set by the engine): plan steady decodes as one DecodeGroup
+        self.compress = False
+        self.decode_clock = None  # the engine's decode clock, which the group's tokens land on
+        self.group: DecodeGroup | None = None
+        self._run_state = None  # (batch, computed, tokens left) of the group's decode batch
 
     # --- queue plumbing ----------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -89,7 +102,11 @@ class Scheduler:
         for req in finished:
             if not req.hold_kv:
                 self.kv.free(req)
-        self.running = [r for r in self.running if r.status is not Status.FINISHED]
+        if len(finished) < 8:
+            for req in finished:  # remove() compares by identity, in C
+                self.running.remove(req)
+        else:
+            self.running = [r for r in self.running if r.status is not Status.FINISHED]
 
     # --- the decode side of prefill/decode disaggregation ---------------------------------
     def admit_transferred(self, req: Request, computed: int) -> None:
@@ -108,6 +125,7 @@ class Scheduler:
             self.waiting.append(req)
 
     def reject(self, req: Request, reason: str) -> None:
+        self._sync_group()
         req.status = Status.FAILED
         req.end_step = self.steps_done
         req.error = reason
@@ -121,6 +139,7 @@ class Scheduler:
         queue at the end of the step (see `schedule`), so it cannot be re-admitted in the
         step that preempted it.
         """
+        self._sync_group()
         self.kv.free(req)
         req.num_computed = 0
         req.num_preemptions += 1
@@ -135,6 +154,7 @@ class Scheduler:
         if self.on_recompute is None:
             self.preempt(req, batch)
             return
+        self._sync_group()
         self.kv.free(req)
         req.num_computed = 0
         self.num_recomputes += 1
@@ -171,3 +191,121 @@ class Scheduler:
 
     def _schedule(self) -> Batch:  # pragma: no cover - interface
         raise NotImplementedError
+
+    # --- event compression -------------------------------------------------------------------
+    def steady_steps(self, batch: Batch) -> int:
+        """How many steps, this one included, would schedule this same batch again if nothing
+        arrived. 1: plan the next step as usual. The engines' schedulers answer with
+        `_decode_run_steps` when they can show their admission rules stay shut."""
+        return 1
+
+    def arrival_may_change_plan(self) -> bool:
+        """Asked during a run of steady decode steps, after a request joined `waiting`: could the
+        next plan differ from the run's? Yes unless a scheduler knows better (first come, first
+        served behind a head that cannot be admitted: the newcomer is not even looked at)."""
+        return True
+
+    def _sync_group(self) -> None:
+        """Bring every request's fields up to date before code that reads them one by one."""
+        if self.group is not None and len(self.group):
+            self.group.dissolve()
+
+    def _decode_all(self, batch: Batch, kv_reserve: int) -> bool:
+        """With event compression: schedule every running request for one decode token at once,
+        when that is what the per-request loop would do: each has exactly one uncomputed token
+        after generated ones and the pool covers all their growth with `kv_reserve` blocks to
+        spare (no allocation fails, no preallocation is cut short, no free-slot check trips).
+        Same blocks, same batch, same order; the requests decode as a `DecodeGroup`, in arrays.
+        False: nothing was changed (the caller plans request by request)."""
+        if not self.compress or self.cfg.num_speculative_tokens:
+            return False
+        running = self.running
+        group = self.group
+        if group is None:
+            group = self.group = DecodeGroup(self.decode_clock, self.kv.prefix)
+        m = len(group)
+        if running[:m] != group.reqs:  # members are always the head of `running`, in order
+            raise RuntimeError("decode group out of step with the running queue")  # pragma: no cover
+        newcomers = running[m:]
+        if any(
+                not r.output_len or r.num_computed != r.num_tokens - 1 for r in newcomers):
+            return False
+        if newcomers:
+            group.join(newcomers)
+        n = len(running)
+        if not n:
+            return False
+        kv = self.kv
+        computed = group.computed()
+        take = np.maximum((computed + kv.block_size) // kv.block_size - group.blocks, 0)  # blocks_for(c+1) - held
+        if kv.preallocate_blocks:
+            take += kv.preallocate_blocks * (take > 0)
+        total = int(take.sum())
+        if total > kv.num_free - kv_reserve:
+            return False
+        if total:
+            group.blocks += take
+            kv.take_blocks(total)
+        batch.reqs.extend(running)
+        batch.num_new.extend([1] * n)
+        batch.decode.extend([True] * n)
+        batch.group = n
+        shape = batch.shape
+        shape.num_seqs += n
+        shape.decode_seqs += n
+        shape.decode_ctx_tokens += int(computed.sum()) + n
+        left = group.left()
+        self._run_state = [batch, computed, left, int(left.min()), None]
+        return True
+
+    def _decode_run_steps(self, batch: Batch, kv_reserve: int) -> int:
+        """For a batch in which the decode group (every running request) decodes one token and
+        nothing else happens: the steps until the first request finishes, fewer if the KV pool
+        could run short (the growth must never need more than `num_free - kv_reserve` blocks, so
+        every allocation and every free-slot check succeeds exactly as step by step).
+
+        Why the batch repeats: each request's next step is again one decode token; the engine's
+        admission rules were just tried and stopped, and a run of decodes only takes free
+        blocks away, so they stay shut until something arrives (which ends the run)."""
+        state = self._run_state
+        if (state is None or state[0] is not batch or batch.group != len(batch.reqs) or batch.preempted
+                or batch.aborted or self.rejected):
+            return 1
+        _, computed, _, steps, _ = state  # the last step is the first completion
+        if steps < 2:
+            return 1
+        kv = self.kv
+        limit = kv.num_free - kv_reserve
+        blocks = self.group.blocks
+        taken = kv.decode_run_blocks(computed, blocks, steps - 1)
+        if taken.sum() <= limit:
+            state[4] = taken  # kept for advance_decode_run if the run is not cut short
+            return steps
+        lo, hi = 0, steps - 1  # growth over `lo` extra steps fits, over `hi` it does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if kv.decode_run_blocks(computed, blocks, mid).sum() <= limit:
+                lo = mid
+            else:
+                hi = mid
+        return lo + 1
+
+    def advance_decode_run(self, batch: Batch, steps: int) -> tuple[np.ndarray, int]:
+        """The engine ran `steps` steps of the decode group's batch (the first one planned by
+        `schedule`): allocate the KV the other steps took, as they would have one by one.
+        Returns each member's tokens left before the run, and the fewest of them."""
+        _, computed, left, fewest, taken = self._run_state
+        self._run_state = None
+        if steps > 1:
+            kv = self.kv
+            if taken is None or steps != fewest:  # computed for the whole run; this one was cut short
+                taken = kv.decode_run_blocks(computed, self.group.blocks, steps - 1)
+            total = int(taken.sum())
+            if total > kv.num_free:
+                raise KVCacheError(f"a decode run needs {total} blocks, {kv.num_free} free")
+            if total:
+                self.group.blocks += taken
+                kv.take_blocks(total)
+        return left, fewest
+
+

@@ -69,6 +69,7 @@ class SglangScheduler(Scheduler):
         batch = Batch()
         if not self.waiting and self.chunked_req is None:
             return batch
+        self._sync_group()  # the reservations below read every running request
         decoding = [r for r in self.running if r is not self.chunked_req]
         if len(self.running) >= cfg.max_running_requests and self.chunked_req is None:
             return batch  # batch_is_full
@@ -144,6 +145,7 @@ class SglangScheduler(Scheduler):
             return batch
         per_req = 1 + self.cfg.num_speculative_tokens
         if self.kv.num_free * self.kv.block_size < len(decoding) * per_req:  # check_decode_mem
+            self._sync_group()
             decoding = self._retract(decoding, batch)
             self.new_token_ratio = self._ratio_after_retract(decoding)
             if self.kv.num_free * self.kv.block_size < len(decoding) * per_req and self.chunked_req is not None:
@@ -156,6 +158,9 @@ class SglangScheduler(Scheduler):
                 return batch
         else:
             self.new_token_ratio = max(self.new_token_ratio - self.ratio_decay, self.min_ratio)
+        if len(decoding) == len(self.running) and self._decode_all(batch, kv_reserve=0):
+            return batch  # every running request decodes: the loop's outcome, at once
+        self._sync_group()
         self._add_decodes(batch, decoding)
         return batch
 
@@ -187,3 +192,25 @@ class SglangScheduler(Scheduler):
         decoded = sum(r.output_len for r in remaining)
         max_new = sum(r.max_tokens for r in remaining)
         return min(1.0, (decoded + RETRACT_DECODE_STEPS * len(remaining)) / max(max_new, 1))
+
+    # --- event compression ------------------------------------------------------------------
+    def steady_steps(self, batch: Batch) -> int:
+        if type(self)._schedule is not SglangScheduler._schedule or self.chunked_req is not None:
+            return 1
+        if self.waiting and len(self.running) < self.cfg.max_running_requests:
+            return 1  # the PrefillAdder's budget moves with new_token_ratio every step
+        # check_decode_mem must pass before every step: room for one token per request
+        reserve = -(-len(batch.reqs) // self.kv.block_size)
+        return self._decode_run_steps(batch, kv_reserve=reserve)
+
+    def advance_decode_run(self, batch: Batch, steps: int):
+        for _ in range(steps - 1):  # every successful decode step lowers the ratio
+            if self.new_token_ratio <= self.min_ratio:
+                break
+            self.new_token_ratio = max(self.new_token_ratio - self.ratio_decay, self.min_ratio)
+        return super().advance_decode_run(batch, steps)
+
+    def arrival_may_change_plan(self) -> bool:
+        # a run with requests waiting means the batch is full (max_running_requests): no prefill
+        # batch can form until a request finishes, which ends the run anyway
+        return type(self)._schedule is not SglangScheduler._schedule or len(self.waiting) <= 1

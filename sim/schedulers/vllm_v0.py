@@ -92,6 +92,9 @@ class VllmV0Scheduler(Scheduler):
         their place at the head), then this step's decodes, then its prefill chunks,
         those finishing their prompt first.
         """
+        if (not chunking or token_budget >= len(self.running)) and self._decode_all(batch, kv_reserve=1):
+            return token_budget - len(self.running)  # all decodes: the loop's outcome, at once
+        self._sync_group()
         queue = deque(self.running)
         decodes: list[Request] = []
         finishing: list[Request] = []  # prefill chunks that complete the prompt this step
@@ -130,3 +133,15 @@ class VllmV0Scheduler(Scheduler):
         # only the running requests scheduled this step count against max_num_seqs
         self._schedule_prefills(batch, budget, len(batch), chunking=True)
         return batch
+
+    def steady_steps(self, batch: Batch) -> int:
+        if type(self)._schedule is not VllmV0Scheduler._schedule:
+            return 1  # a policy that plans differently plans every step
+        # admission stopped at the head (blocks "later", the budget, or max_num_seqs) and stays
+        # stopped while decodes only take blocks; a decode needs one free block at its check
+        return self._decode_run_steps(batch, kv_reserve=1)
+
+    def arrival_may_change_plan(self) -> bool:
+        # first come, first served: admission stops at the head, which this run's plan found
+        # blocked, so a request queued behind it changes nothing until the run ends
+        return type(self)._schedule is not VllmV0Scheduler._schedule or len(self.waiting) <= 1

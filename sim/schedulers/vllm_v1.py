@@ -32,8 +32,13 @@ class VllmV1Scheduler(Scheduler):
         kv = self.kv
         token_budget = self.cfg.max_num_batched_tokens
 
-        # 1. running requests, in order
+        # 1. running requests, in order (all decoding and room for all: the loop's outcome at once)
         i = 0
+        if token_budget >= len(self.running) and self._decode_all(batch, kv_reserve=0):
+            token_budget -= len(self.running)
+            i = len(self.running)
+        else:
+            self._sync_group()
         while i < len(self.running) and token_budget > 0:
             req = self.running[i]
             n = self._num_new_tokens(req, token_budget)
@@ -78,3 +83,15 @@ class VllmV1Scheduler(Scheduler):
                 batch.add(req, n)
                 token_budget -= n
         return batch
+
+    def steady_steps(self, batch: Batch) -> int:
+        if type(self)._schedule is not VllmV1Scheduler._schedule:
+            return 1  # a policy that plans differently plans every step
+        # waiting requests were not admitted (seats, budget or blocks) and will not be while
+        # decodes only take blocks; V1 has no watermark or free-slot check
+        return self._decode_run_steps(batch, kv_reserve=0)
+
+    def arrival_may_change_plan(self) -> bool:
+        # first come, first served: admission stops at the head, which this run's plan found
+        # blocked, so a request queued behind it changes nothing until the run ends
+        return type(self)._schedule is not VllmV1Scheduler._schedule or len(self.waiting) <= 1

@@ -1,0 +1,122 @@
+"""Simulator speed on fixed scenarios: wall time, peak memory, requests and engine steps per second.
+
+    python benchmarks/speed.py                 # every case, written to benchmarks/results/speed.json
+    python benchmarks/speed.py --only vidur    # cases whose name contains "vidur"
+    python benchmarks/speed.py --no-compress   # plan every step (the reference path), for ratios
+
+Cases:
+  vidur-sharegpt     Vidur's published benchmark workload: 10,000 ShareGPT requests (Vidur's Llama-2
+                     length trace, clipped at 4096 tokens), Poisson 2 QPS, vLLM V0 scheduler, one
+                     Llama-2-7B replica on an A100. Vidur took 23.6 s wall at best on a 2-core machine.
+  seed004/<run>      every seed-004 scenario (1,000 ShareGPT requests at t=0, calibrated Qwen2.5-72B).
+  azure-conv-1x/10x  the Azure 2023 conversation trace (19,366 requests) replayed at its own rate and
+                     at 10x, on four instances of the seed-004 engine.
+  synthetic-1m       1,000,000 random requests, Poisson, vLLM V1 on Llama-2-7B / A100.
+
+Each case runs in a fresh process (so its peak memory is its own), `--repeat` times for the small
+ones, and reports the best wall time of `simulate()` (building the requests, simulating, computing the
+report; the interpreter start, imports and scenario parsing are reported separately as `startup_s`).
+Peak memory is the process's peak resident set size, imports included (~`baseline_rss_mib`).
+A plain script, not a timed test: run it on the machine you care about and compare ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VIDUR_BEST_WALL_S = 23.6  # Vidur on the same 2-core machine type (its event loop: 19.7 s)
+
+CASES: dict[str, tuple[str, list[str], int]] = {
+    # name: (scenario, overrides, repeats)
+    "vidur-sharegpt": ("scenarios/benchmarks/vidur-sharegpt.toml", [], 3),
+    **{f"seed004/{p.stem}": (str(p.relative_to(ROOT)), [], 3)
+       for p in sorted((ROOT / "scenarios" / "seed004").glob("[!_]*.toml"))},
+    "azure-conv-1x": ("scenarios/benchmarks/azure-conv.toml", [], 1),
+    "azure-conv-10x": ("scenarios/benchmarks/azure-conv.toml", ["workload.trace_time_scale=0.1"], 1),
+    "synthetic-1m": ("scenarios/benchmarks/synthetic-1m.toml", [], 1),
+}
+
+
+def run_one(name: str, compress: bool) -> dict:
+    """Measure one case in this process (called in a fresh subprocess)."""
+    t0 = time.perf_counter()
+    import gc
+
+    from sim.config import load_scenario
+    from sim.runner import simulate
+
+    path, overrides, repeats = CASES[name]
+    sc = load_scenario(ROOT / path, overrides)
+    startup = time.perf_counter() - t0
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    walls = []
+    for _ in range(repeats):
+        gc.collect()
+        t = time.perf_counter()
+        res = simulate(sc, compress=compress)
+        walls.append(time.perf_counter() - t)
+        m = res.bench.metrics
+        summary = {"completed": m["completed"], "failed": m["failed"], "duration_s": m["duration"],
+                   "mean_ttft_ms": m["mean_ttft_ms"], "mean_tpot_ms": m["mean_tpot_ms"],
+                   "p99_itl_ms": m["p99_itl_ms"], "output_throughput": m["output_throughput"]}
+        n_req, n_steps = len(res.requests), res.num_steps
+        del res
+    best = min(walls)
+    return {"case": name, "scenario": path, "overrides": overrides, "compress": compress,
+            "best_wall_s": best, "walls_s": walls, "startup_s": startup,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "baseline_rss_mib": baseline, "requests": n_req, "engine_steps": n_steps,
+            "requests_per_s": n_req / best, "steps_per_s": n_steps / best, "report": summary}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="run the cases whose name contains this")
+    ap.add_argument("--no-compress", action="store_true", help="plan every step (reference path)")
+    ap.add_argument("--out", default=None, help="JSON output (default benchmarks/results/speed[-nocompress].json)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, not args.no_compress)))
+        return
+    rows = []
+    head = f"{'case':<20} {'wall s':>8} {'peak MiB':>9} {'requests/s':>11} {'steps/s':>10} {'steps':>9}"
+    print(head)
+    for name in CASES:
+        if args.only not in name:
+            continue
+        cmd = [sys.executable, __file__, "--one", name] + (["--no-compress"] if args.no_compress else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if out.returncode:
+            print(f"{name:<20} FAILED\n{out.stderr[-2000:]}")
+            continue
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"{name:<20} {row['best_wall_s']:>8.3f} {row['peak_rss_mib']:>9.0f} {row['requests_per_s']:>11.0f} "
+              f"{row['steps_per_s']:>10.0f} {row['engine_steps']:>9}", flush=True)
+    vidur = next((r for r in rows if r["case"] == "vidur-sharegpt"), None)
+    if vidur:
+        print(f"vidur-sharegpt: {VIDUR_BEST_WALL_S / vidur['best_wall_s']:.1f}x Vidur's best wall time "
+              f"({VIDUR_BEST_WALL_S} s)")
+    seed004 = [r["best_wall_s"] for r in rows if r["case"].startswith("seed004/")]
+    if seed004:
+        print(f"seed004: slowest scenario {max(seed004):.3f} s")
+    default = "speed-nocompress.json" if args.no_compress else "speed.json"
+    out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / default
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
+                                    "cpus": __import__("os").cpu_count(), "vidur_best_wall_s": VIDUR_BEST_WALL_S,
+                                    "rows": rows}, indent=2))
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Event compression changes nothing: runs of decode steps simulated in one event give the
+same token times, the same engine counters and the same report as planning every step."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sim.config import load_scenario, scenario_from_dict
+from sim.runner import simulate
+
+from tests.test_properties import scenarios, wall_clock_guard
+
+
+@st.composite
+def compressible_scenarios(draw):
+    """The invariant tests' random scenarios (outputs up to half of max_model_len, so runs of
+    up to hundreds of steps), sometimes on the roofline step-time model (its vectorised path)."""
+    data = draw(scenarios())
+    if draw(st.integers(0, 2)) == 0:
+        data["step_time"] = {"model": "llama-2-7b", "hardware": "a100-80g", "tp": 1}
+    return data
+
+
+def assert_same_run(sc) -> None:
+    with wall_clock_guard(30):
+        ref = simulate(sc, compress=False)
+        fast = simulate(sc)
+    for a, b in zip(ref.requests, fast.requests):
+        assert (a.rid, a.status, a.error, a.output_len, a.num_preemptions) == \
+               (b.rid, b.status, b.error, b.output_len, b.num_preemptions)
+        ta, tb = a.token_times, b.token_times
+        assert len(ta) == len(tb)
+        assert all(math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-15) for x, y in zip(ta, tb)), a.rid
+    for key in ("num_steps", "num_preemptions", "max_batch_tokens", "max_batch_seqs", "peak_kv_blocks",
+                "prefix_hit_tokens", "num_recomputes"):
+        assert getattr(ref, key) == getattr(fast, key), key
+    assert ref.bench.metrics.keys() == fast.bench.metrics.keys()
+    for key, x in ref.bench.metrics.items():
+        assert math.isclose(x, fast.bench.metrics[key], rel_tol=1e-12, abs_tol=1e-12), key
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(compressible_scenarios())
+def test_compressed_runs_equal_step_by_step(data):
+    assert_same_run(scenario_from_dict(data))
+
+
+def test_compression_equal_on_seed004_and_cuts_planned_steps():
+    """A calibrated scenario, and the compression really happens there (far fewer plans)."""
+    sc = load_scenario("scenarios/seed004/disable-2048.toml", ["workload.num_prompts=200"])
+    assert_same_run(sc)
+    calls = {"n": 0}
+    import sim.schedulers.vllm_v0 as v0
+
+    original = v0.VllmV0Scheduler._schedule
+
+    def counting(self):
+        calls["n"] += 1
+        return original(self)
+
+    v0.VllmV0Scheduler._schedule = counting
+    try:
+        res = simulate(sc)
+    finally:
+        v0.VllmV0Scheduler._schedule = original
+    assert calls["n"] < res.num_steps / 5
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["linear", "llama", "deepseek-tp8"]), st.integers(1, 512), st.integers(0, 10**6),
+       st.integers(1, 300))
+def test_run_step_times_are_the_step_by_step_floats(kind, seqs, ctx, steps):
+    from sim.perf_model import RooflineCoefficients, RooflineStepTime, load_hardware_spec, load_model_spec
+    from sim.step_time import BatchShape, StepTimeParams, decode_run_ends
+
+    model = {
+        "linear": StepTimeParams(),
+        "llama": RooflineStepTime(load_model_spec("llama-2-7b"), load_hardware_spec("a100-80g")),
+        "deepseek-tp8": RooflineStepTime(load_model_spec("deepseek-r1-fp8"), load_hardware_spec("h20"), 8,
+                                         RooflineCoefficients(launch_overhead_s=0.003, per_seq_s=1e-4)),
+    }[kind]
+    ctx += seqs
+    now = 12.345
+    run = decode_run_ends(model, BatchShape(seqs, 0, 0.0, seqs, ctx, 0), steps, now)
+    one_by_one = []
+    for j in range(steps):  # what the step-by-step engine's clock does
+        now += model.step_time(BatchShape(seqs, 0, 0.0, seqs, ctx + seqs * j, 0))
+        one_by_one.append(now)
+    assert run.tolist() == one_by_one  # bit for bit
