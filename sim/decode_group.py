@@ -2,10 +2,10 @@
 
 In a steady stretch every running request decodes one token per step, so what changes per
 step is the same for all of them: one more computed token, one more generated token, one
-more entry on the engine's decode clock. The group keeps, per member, the values at the
-moment it joined plus the clock length then; its current values are those plus the clock
-entries since. Advancing the whole group by a run of steps is therefore free, and only the
-KV blocks (which grow at different steps for different requests) are updated, in an array.
+more entry on the engine's decode clock. The group keeps each member's computed tokens,
+tokens still to generate and KV blocks in arrays, and the decode-clock length when it
+joined (its tokens since are the clock's entries since); a run of steps is a few array
+operations, whatever the number of members or steps.
 
 While a request is a member, its `Request` fields `num_computed`, `output_len`,
 `num_blocks`, `last_token_s` and its last token piece are stale; `write_back` brings them up
@@ -31,10 +31,10 @@ class DecodeGroup:
         self.clock = clock
         self.cache = cache  # prefix cache: members' finished chunks are registered on write-back
         self.reqs: list[Request] = []
-        self.computed0 = np.empty(0, np.int64)  # num_computed when the member joined
-        self.left0 = np.empty(0, np.int64)  # tokens still to generate when it joined
+        self.computed = np.empty(0, np.int64)  # tokens whose KV is computed
+        self.left = np.empty(0, np.int64)  # tokens still to generate
+        self.blocks = np.empty(0, np.int64)  # KV blocks held
         self.kjoin = np.empty(0, np.int64)  # decode-clock length when it joined
-        self.blocks = np.empty(0, np.int64)  # KV blocks held (always current)
 
     def __len__(self) -> int:
         return len(self.reqs)
@@ -43,16 +43,16 @@ class DecodeGroup:
         """Decoding requests (fields up to date) become members, in this order, after the others."""
         n = len(reqs)
         self.reqs.extend(reqs)
-        self.computed0 = np.concatenate((self.computed0, np.fromiter(map(_COMPUTED, reqs), np.int64, n)))
-        self.left0 = np.concatenate((self.left0, np.fromiter((r.max_tokens - r.output_len for r in reqs), np.int64, n)))
+        self.computed = np.concatenate((self.computed, np.fromiter(map(_COMPUTED, reqs), np.int64, n)))
+        self.left = np.concatenate((self.left, np.fromiter((r.max_tokens - r.output_len for r in reqs), np.int64, n)))
         self.kjoin = np.concatenate((self.kjoin, np.full(n, len(self.clock), np.int64)))
         self.blocks = np.concatenate((self.blocks, np.fromiter(map(_BLOCKS, reqs), np.int64, n)))
 
-    def computed(self) -> np.ndarray:
-        return self.computed0 + (len(self.clock) - self.kjoin)
-
-    def left(self) -> np.ndarray:
-        return self.left0 - (len(self.clock) - self.kjoin)
+    def advance(self, steps: int) -> None:
+        """Every member computed and received `steps` more tokens (new arrays: callers may hold
+        the old ones)."""
+        self.computed = self.computed + steps
+        self.left = self.left - steps
 
     def write_back(self, i: int) -> Request:
         """Bring member `i`'s Request up to date (it keeps its place in the arrays)."""
@@ -61,9 +61,9 @@ class DecodeGroup:
         k0, k1 = int(self.kjoin[i]), len(clock)
         steps = k1 - k0
         req.num_blocks = int(self.blocks[i])
+        req.num_computed = int(self.computed[i])
+        req.output_len = req.max_tokens - int(self.left[i])
         if steps:
-            req.num_computed = int(self.computed0[i]) + steps
-            req.output_len = req.max_tokens - int(self.left0[i]) + steps
             req.last_token_s = clock.ends[k1 - 1]
             p = req.pieces[-1]  # one token per clock entry since joining (sim.tokens)
             if p[0] is clock and p[2] == k0 and p[3] == 1:
@@ -81,7 +81,7 @@ class DecodeGroup:
         keep[idx] = False
         for i in reversed(idx.tolist()):
             del self.reqs[i]
-        self.computed0, self.left0 = self.computed0[keep], self.left0[keep]
+        self.computed, self.left = self.computed[keep], self.left[keep]
         self.kjoin, self.blocks = self.kjoin[keep], self.blocks[keep]
         return out
 

@@ -90,12 +90,14 @@ class PrefixCache:
         if req.kv_keys is None:
             req.kv_keys = []
         keys = req.kv_keys
-        for i in range(len(keys), req.num_computed // self.chunk_tokens):
-            key = self.chunk_key(req, i)
-            if key in self.entries:
+        entries, size = self.entries, self.chunk_tokens
+        first_generated = req.prompt_len // size  # chunks from here on end in generated tokens
+        for i in range(len(keys), req.num_computed // size):
+            key = self.chunk_key(req, i) if i < first_generated else (req.out_segment, (i + 1) * size)
+            if key in entries:
                 keys.append(None)
             else:
-                self.entries[key] = _Entry(1)
+                entries[key] = _Entry(1)
                 keys.append(key)
 
     # --- the free queue ------------------------------------------------------------------

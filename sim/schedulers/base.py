@@ -206,19 +206,25 @@ class Scheduler:
         return True
 
     def _sync_group(self) -> None:
-        """Bring every request's fields up to date before code that reads them one by one."""
+        """Bring every request's fields up to date before code that reads them one by one. A
+        batch planned with the group becomes an ordinary batch (its blocks are already held)."""
         if self.group is not None and len(self.group):
             self.group.dissolve()
+        if self._run_state is not None:
+            self._run_state[0].group = 0
+            self._run_state = None
 
-    def _decode_all(self, batch: Batch, kv_reserve: int) -> bool:
-        """With event compression: schedule every running request for one decode token at once,
-        when that is what the per-request loop would do: each has exactly one uncomputed token
-        after generated ones and the pool covers all their growth with `kv_reserve` blocks to
-        spare (no allocation fails, no preallocation is cut short, no free-slot check trips).
-        Same blocks, same batch, same order; the requests decode as a `DecodeGroup`, in arrays.
-        False: nothing was changed (the caller plans request by request)."""
+    def _decode_all(self, batch: Batch, kv_reserve: int, budget: int | None = None, whole: bool = False) -> int:
+        """With event compression: schedule the decoding requests at the head of `running` for
+        one token each at once, as the per-request loop would: each has exactly one uncomputed
+        token after generated ones, the token budget (if any) covers them, and the pool covers
+        all their growth with `kv_reserve` blocks to spare (no allocation fails, no
+        preallocation is cut short, no free-slot check trips). Same blocks, same batch, same
+        order; they decode as a `DecodeGroup`, in arrays. Returns how many were scheduled (the
+        caller plans the rest of `running` request by request); 0: nothing was changed.
+        `whole`: all of `running` or none."""
         if not self.compress or self.cfg.num_speculative_tokens:
-            return False
+            return 0
         running = self.running
         group = self.group
         if group is None:
@@ -226,37 +232,37 @@ class Scheduler:
         m = len(group)
         if running[:m] != group.reqs:  # members are always the head of `running`, in order
             raise RuntimeError("decode group out of step with the running queue")  # pragma: no cover
-        newcomers = running[m:]
-        if any(
-                not r.output_len or r.num_computed != r.num_tokens - 1 for r in newcomers):
-            return False
-        if newcomers:
-            group.join(newcomers)
-        n = len(running)
-        if not n:
-            return False
+        k = m
+        for r in running[m:]:  # decoders right behind the members join them
+            if not r.output_len or r.num_computed != r.num_tokens - 1:
+                break
+            k += 1
+        if k > m:
+            group.join(running[m:k])
+        if not k or (whole and k < len(running)) or (budget is not None and budget < k):
+            return 0
         kv = self.kv
-        computed = group.computed()
+        computed = group.computed
         take = np.maximum((computed + kv.block_size) // kv.block_size - group.blocks, 0)  # blocks_for(c+1) - held
         if kv.preallocate_blocks:
             take += kv.preallocate_blocks * (take > 0)
         total = int(take.sum())
         if total > kv.num_free - kv_reserve:
-            return False
+            return 0
         if total:
             group.blocks += take
             kv.take_blocks(total)
-        batch.reqs.extend(running)
-        batch.num_new.extend([1] * n)
-        batch.decode.extend([True] * n)
-        batch.group = n
+        batch.reqs.extend(group.reqs)
+        batch.num_new.extend([1] * k)
+        batch.decode.extend([True] * k)
+        batch.group = k
         shape = batch.shape
-        shape.num_seqs += n
-        shape.decode_seqs += n
-        shape.decode_ctx_tokens += int(computed.sum()) + n
-        left = group.left()
+        shape.num_seqs += k
+        shape.decode_seqs += k
+        shape.decode_ctx_tokens += int(computed.sum()) + k
+        left = group.left
         self._run_state = [batch, computed, left, int(left.min()), None]
-        return True
+        return k
 
     def _decode_run_steps(self, batch: Batch, kv_reserve: int) -> int:
         """For a batch in which the decode group (every running request) decodes one token and
@@ -269,7 +275,7 @@ class Scheduler:
         blocks away, so they stay shut until something arrives (which ends the run)."""
         state = self._run_state
         if (state is None or state[0] is not batch or batch.group != len(batch.reqs) or batch.preempted
-                or batch.aborted or self.rejected):
+                or batch.aborted or self.rejected or len(self.running) != batch.group):
             return 1
         _, computed, _, steps, _ = state  # the last step is the first completion
         if steps < 2:
@@ -306,6 +312,7 @@ class Scheduler:
             if total:
                 self.group.blocks += taken
                 kv.take_blocks(total)
+        self.group.advance(steps)
         return left, fewest
 
 

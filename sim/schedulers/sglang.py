@@ -158,7 +158,7 @@ class SglangScheduler(Scheduler):
                 return batch
         else:
             self.new_token_ratio = max(self.new_token_ratio - self.ratio_decay, self.min_ratio)
-        if len(decoding) == len(self.running) and self._decode_all(batch, kv_reserve=0):
+        if len(decoding) == len(self.running) and self._decode_all(batch, kv_reserve=0, whole=True):
             return batch  # every running request decodes: the loop's outcome, at once
         self._sync_group()
         self._add_decodes(batch, decoding)

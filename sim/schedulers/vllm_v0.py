@@ -92,10 +92,15 @@ class VllmV0Scheduler(Scheduler):
         their place at the head), then this step's decodes, then its prefill chunks,
         those finishing their prompt first.
         """
-        if (not chunking or token_budget >= len(self.running)) and self._decode_all(batch, kv_reserve=1):
-            return token_budget - len(self.running)  # all decodes: the loop's outcome, at once
-        self._sync_group()
-        queue = deque(self.running)
+        # the decoding requests at the head, at once (the loop's outcome for them); then the rest
+        g = self._decode_all(batch, kv_reserve=1, budget=token_budget if chunking else None)
+        if g == len(self.running):
+            return token_budget - g
+        if not g:
+            self._sync_group()
+        token_budget -= g
+        group = self.running[:g]
+        queue = deque(self.running[g:])
         decodes: list[Request] = []
         finishing: list[Request] = []  # prefill chunks that complete the prompt this step
         chunks: list[Request] = []
@@ -115,7 +120,9 @@ class VllmV0Scheduler(Scheduler):
                 decodes.append(req)
             else:
                 (finishing if n == remaining else chunks).append(req)
-        self.running = list(queue) + decodes + finishing + chunks
+        if queue and g:
+            self._sync_group()  # requests the budget did not reach go first: the group is no longer the head
+        self.running = list(queue) + group + decodes + finishing + chunks
         return token_budget
 
     # --- the two modes -----------------------------------------------------------------

@@ -33,10 +33,9 @@ class VllmV1Scheduler(Scheduler):
         token_budget = self.cfg.max_num_batched_tokens
 
         # 1. running requests, in order (all decoding and room for all: the loop's outcome at once)
-        i = 0
-        if token_budget >= len(self.running) and self._decode_all(batch, kv_reserve=0):
-            token_budget -= len(self.running)
-            i = len(self.running)
+        i = self._decode_all(batch, kv_reserve=0, budget=token_budget)  # the decoding head, at once
+        if i:
+            token_budget -= i
         else:
             self._sync_group()
         while i < len(self.running) and token_budget > 0:
