@@ -83,18 +83,11 @@ class StepTimeParams:
         return {"kind": "linear", **asdict(self)}
 
     def step_time(self, b: BatchShape) -> float:
-        return (
-            self.step_overhead_s
-            + self.per_seq_s * b.num_seqs
-            + self.per_prefill_token_s * (b.prefill_tokens + b.spec_tokens)
-            + self.per_decode_seq_s * b.decode_seqs
-            + self.per_prefill_attn_pair_s * b.prefill_attn_pairs
-            + self.per_decode_ctx_token_s * b.decode_ctx_tokens
-        )
+        return self.decode_step_times(b, b.decode_ctx_tokens)
 
     def decode_step_times(self, b: BatchShape, ctx):
-        """`step_time` of batch `b` with its context total replaced by each value of `ctx` (an
-        array): the same operations in the same order, so the same floats."""
+        """`step_time` of batch `b` with its context total replaced by `ctx` (a number, or an
+        array for a run of decode steps): one expression for both, so the same floats."""
         return (
             self.step_overhead_s
             + self.per_seq_s * b.num_seqs

@@ -36,12 +36,15 @@ def load_sharegpt_lengths(path: str | None) -> pd.DataFrame:
     """Prompt/completion token counts, columns `prompt_tokens,completion_tokens`."""
     if path is None:
         with resources.as_file(resources.files("sim.data") / SHAREGPT_DEFAULT) as p:
-            df = pd.read_csv(p)
-    else:
-        if not Path(path).exists():
-            raise WorkloadError(f"workload.dataset_path: file not found: {path}")
-        df = pd.read_csv(path)
-    missing = {"prompt_tokens", "completion_tokens"} - set(df.columns)
+            return pd.read_csv(p)
+    return _read_dataset(path, ("prompt_tokens", "completion_tokens"))
+
+
+def _read_dataset(path: str, columns: tuple[str, ...]) -> pd.DataFrame:
+    if not Path(path).exists():
+        raise WorkloadError(f"workload.dataset_path: file not found: {path}")
+    df = pd.read_csv(path)
+    missing = set(columns) - set(df.columns)
     if missing:
         raise WorkloadError(f"workload.dataset_path: {path} lacks column(s) {sorted(missing)}")
     return df
@@ -129,12 +132,7 @@ def sample_lengths(path: str, num_prompts: int, seed: int, max_tokens: int | Non
     """Vidur's trace length generator: a CSV of `num_prefill_tokens, num_decode_tokens`, rows in
     a seeded shuffled order. A request over `max_tokens` in total gives up the excess from prompt
     and output in proportion to their lengths (each rounded up), keeping at least one of each."""
-    if not Path(path).exists():
-        raise WorkloadError(f"workload.dataset_path: file not found: {path}")
-    df = pd.read_csv(path)
-    missing = {"num_prefill_tokens", "num_decode_tokens"} - set(df.columns)
-    if missing:
-        raise WorkloadError(f"workload.dataset_path: {path} lacks column(s) {sorted(missing)}")
+    df = _read_dataset(path, ("num_prefill_tokens", "num_decode_tokens"))
     p = df["num_prefill_tokens"].astype(int)
     d = df["num_decode_tokens"].astype(int)
     if max_tokens is not None:
