@@ -1,7 +1,7 @@
 """Simulator speed on fixed scenarios: wall time, peak memory, requests and engine steps per second.
 
     python benchmarks/speed.py                 # every case, written to benchmarks/results/speed.json
-    python benchmarks/speed.py --only vidur    # cases whose name contains "vidur"
+    python benchmarks/speed.py --only vidur    # cases whose name contains "vidur" (updates their rows)
     python benchmarks/speed.py --no-compress   # plan every step (the reference path), for ratios
 
 Cases:
@@ -12,6 +12,7 @@ Cases:
   azure-conv-1x/10x  the Azure 2023 conversation trace (19,366 requests) replayed at its own rate and
                      at 10x, on four instances of the seed-004 engine.
   synthetic-1m       1,000,000 random requests, Poisson, vLLM V1 on Llama-2-7B / A100.
+  synthetic-200k[-8x-output]  200,000 of them, and the same with 8x the output tokens at 1/8 the rate.
 
 Each case runs in a fresh process (so its peak memory is its own), `--repeat` times for the small
 ones, and reports the best wall time of `simulate()` (building the requests, simulating, computing the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -42,6 +44,12 @@ CASES: dict[str, tuple[str, list[str], int]] = {
     "azure-conv-1x": ("scenarios/benchmarks/azure-conv.toml", [], 1),
     "azure-conv-10x": ("scenarios/benchmarks/azure-conv.toml", ["workload.trace_time_scale=0.1"], 1),
     "synthetic-1m": ("scenarios/benchmarks/synthetic-1m.toml", [], 1),
+    # the same requests with 8x the output tokens (at 1/8 the rate, so equally loaded): the cost
+    # follows the events (arrivals, completions, batch changes), not the tokens
+    "synthetic-200k": ("scenarios/benchmarks/synthetic-1m.toml", ["workload.num_prompts=200000"], 1),
+    "synthetic-200k-8x-output": ("scenarios/benchmarks/synthetic-1m.toml",
+                                 ["workload.num_prompts=200000", "workload.random_output_len=1024",
+                                  "workload.request_rate=1.5"], 1),
 }
 
 
@@ -112,8 +120,12 @@ def main() -> None:
     default = "speed-nocompress.json" if args.no_compress else "speed.json"
     out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / default
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    if args.only and out_path.exists():  # a partial run updates its cases, keeps the others
+        new = {r["case"] for r in rows}
+        rows = [r for r in json.loads(out_path.read_text())["rows"] if r["case"] not in new] + rows
+        rows.sort(key=lambda r: list(CASES).index(r["case"]) if r["case"] in CASES else len(CASES))
     out_path.write_text(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
-                                    "cpus": __import__("os").cpu_count(), "vidur_best_wall_s": VIDUR_BEST_WALL_S,
+                                    "cpus": os.cpu_count(), "vidur_best_wall_s": VIDUR_BEST_WALL_S,
                                     "rows": rows}, indent=2))
     print(f"wrote {out_path}")
 

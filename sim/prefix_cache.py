@@ -27,6 +27,16 @@ from dataclasses import dataclass
 from .request import Request
 
 
+def named(req: Request) -> bool:
+    return req.segments is not None or req.out_segment >= 0
+
+
+def segments(req: Request) -> tuple[tuple[int, int], ...]:
+    """A named request's prompt content: its own segments, or (saving memory on millions of
+    requests) none stored, meaning one segment of its own, id 2·rid + 1 (sim.workload)."""
+    return req.segments if req.segments is not None else ((req.out_segment - 1, req.prompt_len),)
+
+
 @dataclass(slots=True)
 class _Entry:
     ref: int
@@ -47,7 +57,7 @@ class PrefixCache:
         """Key of `req`'s chunk `i` (tokens [i*chunk, (i+1)*chunk)): the segment holding its last token."""
         end = (i + 1) * self.chunk_tokens
         pos = 0
-        for seg, length in req.segments:
+        for seg, length in segments(req):
             pos += length
             if end <= pos:
                 return (seg, end)
@@ -57,7 +67,7 @@ class PrefixCache:
     def lookup(self, req: Request) -> list[tuple]:
         """Longest run of cached chunks from the start of `req`. The last token is never
         taken from the cache: the model must compute at least one position to sample."""
-        if req.segments is None or req.num_blocks:
+        if not named(req) or req.num_blocks:
             return []
         keys = []
         for i in range((req.num_tokens - 1) // self.chunk_tokens):
@@ -85,7 +95,7 @@ class PrefixCache:
     def register(self, req: Request) -> None:
         """Chunks `req` has now fully computed become reusable. A chunk someone else already
         cached stays private to `req` (vLLM keeps the first block with a hash)."""
-        if req.segments is None:
+        if not named(req):
             return
         if req.kv_keys is None:
             req.kv_keys = []

@@ -47,9 +47,11 @@ class Request:
     last_token_s: float = math.nan
     pieces: list | None = None  # [clock, first step, end step, tokens per step]; None once folded
     error: str = ""
-    # prefix caching: the prompt's content as (segment id, length) runs; None = unique content
+    # prefix caching: the prompt's content as (segment id, length) runs and the id of the generated
+    # tokens; segments None with out_segment >= 0: one segment of its own, id out_segment - 1;
+    # both unset: content not named (never cached)
     segments: tuple[tuple[int, int], ...] | None = None
-    out_segment: int = -1  # the segment id of this request's generated tokens
+    out_segment: int = -1
     kv_keys: list | None = None  # cached chunks this request references (see prefix_cache)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at (last) admission
     # multi-turn: sent after request `follows` completes, its prompt extended by that turn's

@@ -243,8 +243,9 @@ def _add_segments(reqs: list[Request], prefix_len: int, turns: int) -> None:
     prompt, turn k's reply and its own new message (the client fills in the lengths)."""
     for r in reqs:
         own = r.prompt_len - prefix_len
-        r.segments = ((0, prefix_len), (2 * r.rid + 1, own)) if prefix_len else ((2 * r.rid + 1, own),)
         r.out_segment = 2 * r.rid + 2
+        if prefix_len or turns > 1:  # otherwise one segment of its own, id 2·rid + 1 (not stored)
+            r.segments = ((0, prefix_len), (2 * r.rid + 1, own)) if prefix_len else ((2 * r.rid + 1, own),)
         if turns > 1 and r.rid % turns:
             r.follows = r.rid - 1
             r.new_message_len = own
