@@ -51,6 +51,8 @@ class Deployment:
             sched = make_scheduler(e, make_kv_cache(e))
             self.engines.append(Engine(env, sched, sc.step_time.build(), e.max_model_len, self._done, record_steps,
                                        spec_seed=sc.workload.seed * 1000 + i, compress=compress))
+        for eng in self.engines:
+            eng.step_markers = len(self.engines) > 1
 
     def submit(self, req: Request) -> None:
         i = self.router.pick()

@@ -107,6 +107,12 @@ class Engine:
         self._wakeup: simpy.Event | None = None
         self._after_idle = True
         self.after_step: list[Callable[[], None]] = []  # e.g. PD: retry decode-side admission
+        # True when the after-step hooks have nothing to do for as long as the engine only takes
+        # memory (a decode run): then they run once after the run instead of after every step
+        self.hooks_idle: Callable[[], bool] = lambda: False
+        # several engines share the clock: keep a marker event per step of a run (_marked_run)
+        self.step_markers = False
+        self._run_passed = [0]
         cfg = scheduler.cfg
         self.spec_acceptance = list(cfg.spec_acceptance or []) if cfg.num_speculative_tokens else []
         self._spec_rng = random.Random(spec_seed)
@@ -154,6 +160,18 @@ class Engine:
             self._run_ends = None
             self.process.interrupt()
 
+    def settle(self) -> None:
+        """Someone outside the engine is about to read or change its KV pool (the PD hand-off):
+        the steps of a decode run planned by now take their blocks now, as they would have step
+        by step, and the run ends with the step under way."""
+        if self._run_ends is not None:
+            if self.step_markers:
+                under_way = self._run_passed[0]  # markers passed: same-time events in SimPy's order
+            else:
+                under_way = int(np.searchsorted(self._run_ends, self.env.now, side="left"))
+            self.scheduler.settle_decode_run(under_way + 1)
+            self.wake()
+
     def _accepted_drafts(self, k: int) -> int:
         a = 0
         while a < k and self._spec_rng.random() < self.spec_acceptance[a]:
@@ -199,7 +217,10 @@ class Engine:
 
             if batch.group and batch.group == len(batch.reqs):
                 # the decode group alone: one event for as many steps as cannot change
-                yield from self._decode_run(batch, sched.steady_steps(batch))
+                steps = sched.steady_steps(batch)
+                if self.after_step and not self.hooks_idle():
+                    steps = 1  # a hook may act after this step, as it would step by step
+                yield from self._decode_run(batch, steps)
                 continue
             shape = batch.shape
             dt = self.step_model.step_time(shape)
@@ -280,13 +301,16 @@ class Engine:
         env, sched = self.env, self.scheduler
         ends = decode_run_ends(self.step_model, batch.shape, steps, env.now)
         self._run_ends = ends
-        try:
-            yield _timeout_at(env, float(ends[-1]))
-            done = steps
-        except simpy.Interrupt:
-            # something arrived during step j (or exactly at its end): the run ends with it
-            done = int(np.searchsorted(ends, env.now, side="left")) + 1
-            yield _timeout_at(env, float(ends[done - 1]))
+        if self.step_markers:
+            done = yield from self._marked_run(ends)
+        else:
+            try:
+                yield _timeout_at(env, float(ends[-1]))
+                done = steps
+            except simpy.Interrupt:
+                # something arrived during step j (or exactly at its end): the run ends with it
+                done = int(np.searchsorted(ends, env.now, side="left")) + 1
+                yield _timeout_at(env, float(ends[done - 1]))
         self._run_ends = None
 
         shape = batch.shape
@@ -304,6 +328,41 @@ class Engine:
             sched.release_finished(finished)
             for req in finished:
                 self.on_done(req)
+        for hook in self.after_step:  # once for the run: its steps only took memory (PD admission)
+            hook()
+
+    def _marked_run(self, ends):
+        """The run with one marker event per step end, each queued when the step-by-step engine
+        would queue its step's event (at the end of the step before). With several engines an
+        arrival can come at exactly the end of one of this engine's steps, from another
+        engine's step ending then; SimPy serves same-time events in the order they were queued,
+        and the markers keep that order: if this engine's step end came first, it planned the
+        next step without the arrival. The process itself wakes once, at the last marker.
+        Returns the number of steps run."""
+        env = self.env
+        last = env.event()  # the last step's marker, which the process waits on
+        passed = self._run_passed = [0]  # step ends the markers have passed
+
+        def queue(k):
+            ev = last if k == len(ends) - 1 else env.event()
+            ev._ok, ev._value = True, None
+            ev.callbacks.append(on_marker)
+            heappush(env._queue, (float(ends[k]), NORMAL, next(env._eid), ev))
+            return ev
+
+        def on_marker(_ev):
+            passed[0] += 1
+            if passed[0] < len(ends) and self._run_ends is ends:
+                pending[0] = queue(passed[0])  # the next step is planned now
+
+        pending = [None]
+        try:
+            pending[0] = queue(0)
+            yield last
+            return len(ends)
+        except simpy.Interrupt:
+            yield pending[0]  # the step under way (its marker is queued) is the run's last
+            return passed[0]
 
     def _group_finished(self, left, fewest: int, steps: int) -> list[Request]:
         """Decode-group members whose last token came in the steps just run: they leave the group."""

@@ -50,8 +50,8 @@ class Transfer:
 class PDDeployment:
     def __init__(self, env: simpy.Environment, sc, on_done: Callable[[Request], None], record_steps: bool,
                  compress: bool = True):
-        # compress is not used: KV transfers change a decode engine's pool and queues from outside
-        # its step loop, so PD engines plan every step
+        # decode engines compress runs of decode steps; the hand-off settles a decode engine's run
+        # before touching its KV pool (Engine.settle). Prefill engines have no decode runs.
         from .runner import make_kv_cache
 
         self.env, self.sc, self.on_done = env, sc, on_done
@@ -66,7 +66,7 @@ class PDDeployment:
                                self._prefilled, record_steps, compress=False) for _ in range(d.prefill_instances)]
         self.decode = [Engine(env, make_scheduler(d_eng, make_kv_cache(d_eng)), d_model, d_eng.max_model_len,
                               self._decoded, record_steps, spec_seed=sc.workload.seed * 1000 + i,
-                              compress=False)
+                              compress=compress)
                        for i in range(d.decode_instances)]
         self.p_router = Router(d.router, d.prefill_instances, sc.workload.seed)
         self.d_router = Router(d.router, d.decode_instances, sc.workload.seed + 1)
@@ -78,6 +78,8 @@ class PDDeployment:
         self.holding = [0] * len(self.decode)  # requests holding KV on D but not yet in its queues
         for i, eng in enumerate(self.decode):
             eng.after_step.append(lambda i=i: self._admit(i))
+            eng.hooks_idle = lambda i=i: not self.queues[i]  # nobody waits for D's memory
+            eng.step_markers = True  # P engines' events may coincide with D's step ends
         if d.recompute_scheduler:
             if self.design != "vllm" or d_eng.scheduler != "vllm-v1":
                 raise ScenarioError("deployment.recompute_scheduler: vllm-ascend's recompute scheduler needs "
@@ -142,6 +144,7 @@ class PDDeployment:
     # --- D admission -------------------------------------------------------------------------
     def _admit(self, dd: int) -> None:
         eng = self.decode[dd]
+        eng.settle()
         kv, sched = eng.scheduler.kv, eng.scheduler
         q = self.queues[dd]
         cap = sched.cfg.max_running_requests if sched.name == "sglang" else sched.cfg.max_num_seqs
@@ -179,6 +182,7 @@ class PDDeployment:
     def _prefilled(self, job: Request) -> None:
         req, p, dd = self._jobs.pop(id(job))
         if job.status is Status.FAILED:  # P could never fit it
+            self.decode[dd].settle()
             self.decode[dd].scheduler.kv.free(req)
             if self.design == "sglang":
                 self.holding[dd] -= 1
@@ -213,6 +217,7 @@ class PDDeployment:
         self.p_router.outstanding[p] -= 1
         self.holding[dd] -= 1
         eng = self.decode[dd]
+        eng.settle()  # its queues (and maybe its pool) change now
         if self.design == "sglang":
             req.output_len = 1  # P's first token, streamed by D
             emit_chunk(req, self.first_token_clock, self.first_token_clock.tick(self.env.now))

@@ -90,3 +90,36 @@ def test_run_step_times_are_the_step_by_step_floats(kind, seqs, ctx, steps):
         now += model.step_time(BatchShape(seqs, 0, 0.0, seqs, ctx + seqs * j, 0))
         one_by_one.append(now)
     assert run.tolist() == one_by_one  # bit for bit
+
+
+# Cases the random search found, kept as regression tests: engines in lockstep whose step ends
+# coincide with arrivals (event order at equal times), a PD hand-off whose admission hook would
+# act after the first step of a run, and an SGLang rejection of a newcomer during a run.
+_LOCKSTEP = {
+    "engine": {"scheduler": "vllm-v0", "enable_chunked_prefill": False, "block_size": 1, "max_model_len": 8,
+               "max_num_seqs": 2, "max_num_batched_tokens": 8, "num_gpu_blocks_override": 8},
+    "deployment": {"instances": 3, "router": "round_robin"},
+    "workload": {"dataset_name": "random", "client": "vllm-legacy", "num_prompts": 11, "random_input_len": 1,
+                 "random_output_len": 3, "random_range_ratio": 0.0, "request_rate": "inf", "seed": 15,
+                 "max_concurrency": 3},
+    "step_time": {"model": "llama-2-7b", "hardware": "a100-80g", "tp": 1}}
+_PD_HOOK = {
+    "kv_transfer": {"latency_s": 0.0, "bandwidth_gbps": 1e-06, "layerwise": False, "bytes_per_token": 1.0},
+    "engine": {"scheduler": "vllm-v0", "enable_chunked_prefill": False, "block_size": 1, "max_model_len": 119,
+               "max_num_seqs": 3, "max_num_batched_tokens": 119, "num_gpu_blocks_override": 159},
+    "deployment": {"instances": 1, "mode": "pd", "prefill_instances": 1, "decode_instances": 1,
+                   "pd_design": "sglang", "reserved_decode_tokens": 0},
+    "workload": {"dataset_name": "random", "num_prompts": 3, "random_input_len": 79, "random_output_len": 3,
+                 "random_range_ratio": 0.0, "request_rate": "inf", "seed": 0},
+    "step_time": {"model": "llama-2-7b", "hardware": "a100-80g", "tp": 1}}
+_SGLANG_REJECT = {
+    "engine": {"scheduler": "sglang", "block_size": 1, "context_length": 8, "chunked_prefill_size": -1,
+               "max_prefill_tokens": 1, "max_running_requests": 1, "kv_cache_tokens": 8},
+    "workload": {"dataset_name": "random", "num_prompts": 3, "random_input_len": 1, "random_output_len": 1,
+                 "random_range_ratio": 0.5, "request_rate": 50.0, "burstiness": 3.0, "seed": 1},
+    "step_time": {"model": "llama-2-7b", "hardware": "a100-80g", "tp": 1}}
+
+
+def test_found_cases_stay_equal():
+    for data in (_LOCKSTEP, _PD_HOOK, _SGLANG_REJECT):
+        assert_same_run(scenario_from_dict(data))

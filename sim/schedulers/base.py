@@ -125,7 +125,8 @@ class Scheduler:
             self.waiting.append(req)
 
     def reject(self, req: Request, reason: str) -> None:
-        self._sync_group()
+        if req.status is Status.RUNNING:
+            self._sync_group()  # it may be a member of the decode group
         req.status = Status.FAILED
         req.end_step = self.steps_done
         req.error = reason
@@ -261,7 +262,9 @@ class Scheduler:
         shape.decode_seqs += k
         shape.decode_ctx_tokens += int(computed.sum()) + k
         left = group.left
-        self._run_state = [batch, computed, left, int(left.min()), None]
+        # batch, tokens computed and left per member, the fewest left, the run's KV growth (when
+        # known), and for how many steps the growth was already taken (a settled run, see Engine)
+        self._run_state = [batch, computed, left, int(left.min()), None, 0]
         return k
 
     def _decode_run_steps(self, batch: Batch, kv_reserve: int) -> int:
@@ -277,7 +280,7 @@ class Scheduler:
         if (state is None or state[0] is not batch or batch.group != len(batch.reqs) or batch.preempted
                 or batch.aborted or self.rejected or len(self.running) != batch.group):
             return 1
-        _, computed, _, steps, _ = state  # the last step is the first completion
+        _, computed, _, steps, _, _ = state  # the last step is the first completion
         if steps < 2:
             return 1
         kv = self.kv
@@ -300,19 +303,33 @@ class Scheduler:
         """The engine ran `steps` steps of the decode group's batch (the first one planned by
         `schedule`): allocate the KV the other steps took, as they would have one by one.
         Returns each member's tokens left before the run, and the fewest of them."""
-        _, computed, left, fewest, taken = self._run_state
+        _, computed, left, fewest, taken, settled = self._run_state
         self._run_state = None
-        if steps > 1:
-            kv = self.kv
+        if settled:
+            if settled != steps:  # pragma: no cover - an invariant
+                raise RuntimeError(f"decode run settled at {settled} steps, ended after {steps}")
+        elif steps > 1:
             if taken is None or steps != fewest:  # computed for the whole run; this one was cut short
-                taken = kv.decode_run_blocks(computed, self.group.blocks, steps - 1)
-            total = int(taken.sum())
-            if total > kv.num_free:
-                raise KVCacheError(f"a decode run needs {total} blocks, {kv.num_free} free")
-            if total:
-                self.group.blocks += taken
-                kv.take_blocks(total)
+                taken = self.kv.decode_run_blocks(computed, self.group.blocks, steps - 1)
+            self._take_run_blocks(taken)
         self.group.advance(steps)
         return left, fewest
+
+    def settle_decode_run(self, steps: int) -> None:
+        """The run will end after `steps` steps and someone outside the engine needs its KV pool
+        now: the blocks of the steps planned so far are taken now."""
+        state = self._run_state
+        if steps > 1:
+            self._take_run_blocks(self.kv.decode_run_blocks(state[1], self.group.blocks, steps - 1))
+        state[5] = steps
+
+    def _take_run_blocks(self, taken: np.ndarray) -> None:
+        kv = self.kv
+        total = int(taken.sum())
+        if total > kv.num_free:
+            raise KVCacheError(f"a decode run needs {total} blocks, {kv.num_free} free")
+        if total:
+            self.group.blocks += taken
+            kv.take_blocks(total)
 
 
