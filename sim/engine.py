@@ -344,10 +344,8 @@ class Engine:
         passed = self._run_passed = [0]  # step ends the markers have passed
 
         def queue(k):
-            ev = last if k == len(ends) - 1 else env.event()
-            ev._ok, ev._value = True, None
+            ev = _timeout_at(env, float(ends[k]), last if k == len(ends) - 1 else None)
             ev.callbacks.append(on_marker)
-            heappush(env._queue, (float(ends[k]), NORMAL, next(env._eid), ev))
             return ev
 
         def on_marker(_ev):
@@ -377,11 +375,12 @@ class Engine:
         return finished
 
 
-def _timeout_at(env: simpy.Environment, t: float) -> simpy.Event:
-    """An event at exactly time `t`. A timeout lands at now + delay, and no delay may make
-    that sum equal `t` (the step-by-step engine reached it by adding one step at a time), so
-    the event is queued the way SimPy's `Event.succeed` queues it, with its time given."""
-    ev = env.event()
+def _timeout_at(env: simpy.Environment, t: float, ev: simpy.Event | None = None) -> simpy.Event:
+    """An event (`ev`, or a new one) at exactly time `t`. A timeout lands at now + delay, and no
+    delay may make that sum equal `t` (the step-by-step engine reached it by adding one step at
+    a time), so the event is queued the way SimPy's `Event.succeed` queues it, with its time
+    given."""
+    ev = ev if ev is not None else env.event()
     ev._ok, ev._value = True, None
     heappush(env._queue, (t, NORMAL, next(env._eid), ev))
     return ev
