@@ -200,11 +200,21 @@ class Scheduler:
         `_decode_run_steps` when they can show their admission rules stay shut."""
         return 1
 
+    # the engine's own `_schedule`, for which the compression rules below were written (set by
+    # each engine's scheduler); a policy that overrides `_schedule` plans every step
+    _compress_plan = None
+
+    def _plans_as_written(self) -> bool:
+        cls = type(self)
+        return cls._schedule is cls._compress_plan
+
     def arrival_may_change_plan(self) -> bool:
         """Asked during a run of steady decode steps, after a request joined `waiting`: could the
-        next plan differ from the run's? Yes unless a scheduler knows better (first come, first
-        served behind a head that cannot be admitted: the newcomer is not even looked at)."""
-        return True
+        next plan differ from the run's? Not for the engines' schedulers when the newcomer is not
+        the head: vLLM's admission is first come, first served and stops at the head, which the
+        run's plan found blocked; SGLang runs with requests waiting only when the batch is full
+        (max_running_requests), and that ends with a completion, which ends the run anyway."""
+        return not self._plans_as_written() or len(self.waiting) <= 1
 
     def _sync_group(self) -> None:
         """Bring every request's fields up to date before code that reads them one by one. A

@@ -57,6 +57,8 @@ class SglangScheduler(Scheduler):
         return self._decode_batch()
 
     # --- prefill: the PrefillAdder -------------------------------------------------------------
+
+    _compress_plan = _schedule
     def _reserved_for_running(self) -> float:
         return sum(
             min(r.max_tokens - r.output_len, CLIP_MAX_NEW_TOKENS) * self.new_token_ratio
@@ -195,7 +197,7 @@ class SglangScheduler(Scheduler):
 
     # --- event compression ------------------------------------------------------------------
     def steady_steps(self, batch: Batch) -> int:
-        if type(self)._schedule is not SglangScheduler._schedule or self.chunked_req is not None:
+        if not self._plans_as_written() or self.chunked_req is not None:
             return 1
         if self.waiting and len(self.running) < self.cfg.max_running_requests:
             return 1  # the PrefillAdder's budget moves with new_token_ratio every step
@@ -209,8 +211,3 @@ class SglangScheduler(Scheduler):
                 break
             self.new_token_ratio = max(self.new_token_ratio - self.ratio_decay, self.min_ratio)
         return super().advance_decode_run(batch, steps)
-
-    def arrival_may_change_plan(self) -> bool:
-        # a run with requests waiting means the batch is full (max_running_requests): no prefill
-        # batch can form until a request finishes, which ends the run anyway
-        return type(self)._schedule is not SglangScheduler._schedule or len(self.waiting) <= 1

@@ -33,6 +33,8 @@ class VllmV0Scheduler(Scheduler):
         return self._schedule_default()
 
     # --- admission of waiting requests (both modes) ------------------------------
+
+    _compress_plan = _schedule
     def _schedule_prefills(self, batch: Batch, token_budget: int, num_seqs: int, chunking: bool) -> int:
         """Walk `waiting` from the head; return the token budget left.
 
@@ -142,13 +144,8 @@ class VllmV0Scheduler(Scheduler):
         return batch
 
     def steady_steps(self, batch: Batch) -> int:
-        if type(self)._schedule is not VllmV0Scheduler._schedule:
+        if not self._plans_as_written():
             return 1  # a policy that plans differently plans every step
         # admission stopped at the head (blocks "later", the budget, or max_num_seqs) and stays
         # stopped while decodes only take blocks; a decode needs one free block at its check
         return self._decode_run_steps(batch, kv_reserve=1)
-
-    def arrival_may_change_plan(self) -> bool:
-        # first come, first served: admission stops at the head, which this run's plan found
-        # blocked, so a request queued behind it changes nothing until the run ends
-        return type(self)._schedule is not VllmV0Scheduler._schedule or len(self.waiting) <= 1

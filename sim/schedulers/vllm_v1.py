@@ -83,14 +83,11 @@ class VllmV1Scheduler(Scheduler):
                 token_budget -= n
         return batch
 
+
+    _compress_plan = _schedule
     def steady_steps(self, batch: Batch) -> int:
-        if type(self)._schedule is not VllmV1Scheduler._schedule:
+        if not self._plans_as_written():
             return 1  # a policy that plans differently plans every step
         # waiting requests were not admitted (seats, budget or blocks) and will not be while
         # decodes only take blocks; V1 has no watermark or free-slot check
         return self._decode_run_steps(batch, kv_reserve=0)
-
-    def arrival_may_change_plan(self) -> bool:
-        # first come, first served: admission stops at the head, which this run's plan found
-        # blocked, so a request queued behind it changes nothing until the run ends
-        return type(self)._schedule is not VllmV1Scheduler._schedule or len(self.waiting) <= 1
