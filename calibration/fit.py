@@ -272,12 +272,13 @@ class StepTimeFit:
         coeffs = self._to_coeffs(best.x)
         return coeffs, self._sim_loss(cases, hw, coeffs, kv, procs)
 
-    def _residuals(self, cases, st, traces, coeffs, with_prior: bool = True) -> np.ndarray:
+    def _residuals(self, cases, st, traces, terms, coeffs, with_prior: bool = True) -> np.ndarray:
         res = []
         ns = len(self.seeds)
+        wanted = {SIM_KEY[m] for m in self.metrics}
         for i, case in enumerate(cases):
-            preds = [replay(t, st.step_times(t.features, coeffs), frontend_latency_s=coeffs.frontend_latency_s)
-                     for t in traces[i * ns:(i + 1) * ns]]
+            preds = [replay(t, st.step_times(t.features, coeffs, terms=tt), frontend_latency_s=coeffs.frontend_latency_s,
+                            only=wanted) for t, tt in zip(traces[i * ns:(i + 1) * ns], terms[i * ns:(i + 1) * ns])]
             for m in self.metrics:
                 if m in case.measured and np.isfinite(case.measured[m]) and case.measured[m] > 0:
                     p = float(np.mean([pr[SIM_KEY[m]] for pr in preds]))
@@ -301,13 +302,14 @@ class StepTimeFit:
     def _optimise(self, cases, st, traces):
         lo, hi = self._bounds()
         best = None
+        terms = [st.step_terms(t.features) for t in traces]
         for x0 in self._starts():
-            r = least_squares(lambda x: self._residuals(cases, st, traces, self._to_coeffs(x)), x0,
+            r = least_squares(lambda x: self._residuals(cases, st, traces, terms, self._to_coeffs(x)), x0,
                               bounds=(lo, hi), diff_step=1e-3, max_nfev=400)
             if best is None or r.cost < best.cost:
                 best = r
         coeffs = self._to_coeffs(best.x)
-        data = self._residuals(cases, st, traces, coeffs, with_prior=False)
+        data = self._residuals(cases, st, traces, terms, coeffs, with_prior=False)
         return coeffs, float(np.mean(data**2))
 
     def _sim_loss(self, cases, hw, coeffs, kv, procs) -> float:

@@ -13,7 +13,10 @@ from a full simulation.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
+from functools import cached_property
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -54,6 +57,20 @@ class Trace:
             pairs = pairs[pairs[:, 0] != pairs[:, 1]]  # tokens of one step arrive as one chunk
             uniq, counts = np.unique(pairs, axis=0, return_counts=True)
             self.gap_from, self.gap_to, self.gap_count = uniq[:, 0], uniq[:, 1], counts
+
+    @cached_property
+    def index(self) -> SimpleNamespace:
+        """What `replay` needs of the requests that no step time changes, worked out once."""
+        ptr, fin, out = self.tok_ptr, self.finished, self.output_len[self.finished]
+        has_tok = ptr[1:] > ptr[:-1]  # finished requests
+        multi = out > 1
+        return SimpleNamespace(
+            has_tok=has_tok, all_tok=bool(np.all(has_tok)), all_fin=bool(np.all(fin)),
+            first_step=self.tok_step[ptr[:-1][has_tok]], last_step=self.tok_step[ptr[1:][has_tok] - 1],
+            permitted=self.permit_from >= 0, any_permit=bool(np.any(self.permit_from >= 0)),
+            multi=multi, out_multi_1=out[multi] - 1,
+            completed=int(fin.sum()), total_in=int(self.prompt_len[fin].sum()), total_out=int(out.sum()),
+            ones_fin=np.ones(len(out), dtype=np.int64), ones_multi=np.ones(int(multi.sum()), dtype=np.int64))
 
     @property
     def num_steps(self) -> int:
@@ -106,20 +123,31 @@ def step_end_times(trace: Trace, dt: np.ndarray, frontend_latency_s: float | Non
     return c + np.maximum.accumulate(trace.wake_s + shift - before)
 
 
-def replay(trace: Trace, dt: np.ndarray, percentiles=(99,), frontend_latency_s: float | None = None) -> dict:
-    """vLLM's benchmark metrics for the recorded schedule with step durations `dt`."""
+def replay(trace: Trace, dt: np.ndarray, percentiles=(99,), frontend_latency_s: float | None = None,
+           only: Collection[str] | None = None) -> dict:
+    """vLLM's benchmark metrics for the recorded schedule with step durations `dt`.
+
+    `only`: the metric keys wanted (a fit asks for the few it compares, thousands of times);
+    the others are left out, the wanted ones are the same numbers."""
     end = step_end_times(trace, dt, frontend_latency_s)
+    ix = trace.index
     n = len(trace.arrival_s)
     fin = trace.finished
-    ptr = trace.tok_ptr
-    has_tok = ptr[1:] > ptr[:-1]  # finished requests
-    first = np.full(n, np.nan)
-    last = np.full(n, np.nan)
-    first[has_tok] = end[trace.tok_step[ptr[:-1][has_tok]]]
-    last[has_tok] = end[trace.tok_step[ptr[1:][has_tok] - 1]]
+    if ix.all_tok:
+        first, last = end[ix.first_step], end[ix.last_step]
+    else:
+        first = np.full(n, np.nan)
+        last = np.full(n, np.nan)
+        first[ix.has_tok] = end[ix.first_step]
+        last[ix.has_tok] = end[ix.last_step]
 
     # request start: its arrival, unless it waited for a concurrency permit
-    if np.any(trace.permit_from >= 0):
+    if ix.any_permit and ix.all_fin:
+        # every request ends with its last token, so a start is the running maximum of the
+        # arrivals and the ends that freed the permits
+        finish = last
+        start = np.maximum.accumulate(np.maximum(trace.arrival_s, np.where(ix.permitted, last[trace.permit_from], -np.inf)))
+    elif ix.any_permit:
         start = np.empty(n)
         finish = np.empty(n)
         prev = -np.inf
@@ -133,35 +161,42 @@ def replay(trace: Trace, dt: np.ndarray, percentiles=(99,), frontend_latency_s: 
     else:
         start = trace.arrival_s.astype(float)
         finish = np.array([_request_end(trace, i, start[i], last[i], end) for i in range(n)]) \
-            if not np.all(fin) else last
+            if not ix.all_fin else last
 
-    ttft = (first - start)[fin]
-    e2el = (last - start)[fin]
-    out = trace.output_len[fin]
-    multi = out > 1
-    tpot = (e2el[multi] - ttft[multi]) / (out[multi] - 1)
-    gaps = end[trace.gap_to] - end[trace.gap_from]
+    ttft, e2el = first - start, last - start
+    if not ix.all_fin:
+        ttft, e2el = ttft[fin], e2el[fin]
+    multi = ix.multi
+    tpot = (e2el[multi] - ttft[multi]) / ix.out_multi_1
 
     duration = float(np.max(finish)) if n else 0.0
-    total_out = int(out.sum())
+    total_out = ix.total_out
     m = {
         "duration": duration,
-        "completed": int(fin.sum()),
-        "total_input_tokens": int(trace.prompt_len[fin].sum()),
+        "completed": ix.completed,
+        "total_input_tokens": ix.total_in,
         "total_output_tokens": total_out,
         "request_throughput": fin.sum() / duration if duration > 0 else 0.0,
         "output_throughput": total_out / duration if duration > 0 else 0.0,
     }
-    for name, x, w in (("ttft", ttft, None), ("tpot", tpot, None), ("itl", gaps, trace.gap_count),
-                       ("e2el", e2el, None)):
+    for name, x, w in (("ttft", ttft, ix.ones_fin), ("tpot", tpot, ix.ones_multi), ("itl", None, trace.gap_count),
+                       ("e2el", e2el, ix.ones_fin)):
+        keys = {f"mean_{name}_ms": None, f"median_{name}_ms": 50, **{f"p{p}_{name}_ms": p for p in percentiles}}
+        if only is not None:
+            keys = {k: p for k, p in keys.items() if k in only}
+            if not keys:
+                continue
+        if x is None:
+            x = end[trace.gap_to] - end[trace.gap_from]  # inter-token gaps
         x = x * 1000
-        if w is None:
-            w = np.ones(len(x), dtype=np.int64)
         has = len(x) > 0
-        m[f"mean_{name}_ms"] = float(np.dot(x, w) / w.sum()) if has else 0.0
-        m[f"median_{name}_ms"] = weighted_percentile(x, w, 50) if has else 0.0
-        for p in percentiles:
-            m[f"p{p}_{name}_ms"] = weighted_percentile(x, w, p) if has else 0.0
+        for k, p in keys.items():
+            if not has:
+                m[k] = 0.0
+            elif p is None:
+                m[k] = float(np.dot(x, w) / w.sum())
+            else:
+                m[k] = weighted_percentile(x, w, p)
     return m
 
 

@@ -300,20 +300,24 @@ class RooflineStepTime:
         return c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill + max(c.launch_overhead_s, t_gpu)
 
     # vectorised path for calibration (same arithmetic on columns)
-    def step_times(self, f: np.ndarray, coeffs: RooflineCoefficients | None = None) -> np.ndarray:
-        c = coeffs or self.coeffs
+    def step_terms(self, f: np.ndarray) -> tuple:
+        """What `step_times` needs of a step-feature matrix that no coefficient changes: ideal
+        compute, memory and communication seconds, sequences, and whether a prefill ran. A fit
+        times the same steps under thousands of coefficient sets; these are computed once."""
         tokens = f[:, PREFILL_TOKENS] + f[:, DECODE_SEQS] + f[:, SPEC_TOKENS]
-        t_compute = (
+        compute = (
             self._s_per_token_flop * tokens
             + self._s_per_seq_flop * f[:, SEQS]
             + self._s_per_pair * (f[:, PREFILL_PAIRS] + f[:, DECODE_CTX])
-        ) / c.compute_efficiency
-        t_memory = (
-            self._s_static_mem + self._s_per_expert * self._experts_touched(tokens) + self._s_per_ctx_token * f[:, DECODE_CTX]
-        ) / c.memory_efficiency
-        t_gpu = np.maximum(t_compute, t_memory) + self._s_comm_per_token * tokens / c.comm_efficiency
-        prefill = c.prefill_overhead_s * (f[:, PREFILL_TOKENS] > 0)
-        return c.step_overhead_s + c.per_seq_s * f[:, SEQS] + prefill + np.maximum(c.launch_overhead_s, t_gpu)
+        )
+        memory = self._s_static_mem + self._s_per_expert * self._experts_touched(tokens) + self._s_per_ctx_token * f[:, DECODE_CTX]
+        return compute, memory, self._s_comm_per_token * tokens, f[:, SEQS], f[:, PREFILL_TOKENS] > 0
+
+    def step_times(self, f: np.ndarray, coeffs: RooflineCoefficients | None = None, terms: tuple | None = None) -> np.ndarray:
+        c = coeffs or self.coeffs
+        compute, memory, comm, seqs, prefill = terms if terms is not None else self.step_terms(f)
+        t_gpu = np.maximum(compute / c.compute_efficiency, memory / c.memory_efficiency) + comm / c.comm_efficiency
+        return c.step_overhead_s + c.per_seq_s * seqs + c.prefill_overhead_s * prefill + np.maximum(c.launch_overhead_s, t_gpu)
 
     def decode_step_times(self, b: BatchShape, ctx: np.ndarray) -> np.ndarray:
         """`step_time` of the decode-only batch `b` with its context total replaced by each value

@@ -56,6 +56,23 @@ def test_replay_is_exact_for_closed_loop_concurrency_with_rejections():
     _check(sc, _sc(wl, B))
 
 
+def test_replay_is_exact_for_closed_loop_concurrency_when_every_request_finishes():
+    wl = {"request_rate": "inf", "max_concurrency": 8, "random_input_len": 200}
+    sc = _sc(wl, A)
+    assert simulate(sc).bench.metrics["failed"] == 0
+    _check(sc, _sc(wl, B))
+
+
+def test_replay_of_some_metrics_gives_the_same_values_as_of_all():
+    tr = trace_from(simulate(_sc({"request_rate": "inf", "max_concurrency": 8}, A), record_steps=True))
+    full = replay(tr, tr.recorded_dt * 1.3)
+    for only in ({"mean_ttft_ms"}, {"mean_tpot_ms", "output_throughput"}, {"median_itl_ms", "p99_e2el_ms"}):
+        part = replay(tr, tr.recorded_dt * 1.3, only=only)
+        assert {k for k in part if k.endswith("_ms")} == only - {"output_throughput"}
+        for k in part:
+            assert part[k] == full[k], k
+
+
 def test_replay_flags_timed_arrivals_as_approximate():
     rec = simulate(_sc({"request_rate": 2.0, "num_prompts": 30}, A), record_steps=True)
     tr = trace_from(rec)
