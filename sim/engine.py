@@ -112,7 +112,7 @@ class Engine:
         self.hooks_idle: Callable[[], bool] = lambda: False
         # several engines share the clock: keep a marker event per step of a run (_marked_run)
         self.step_markers = False
-        self._run_passed = [0]
+        self._run_under_way = [0]
         cfg = scheduler.cfg
         self.spec_acceptance = list(cfg.spec_acceptance or []) if cfg.num_speculative_tokens else []
         self._spec_rng = random.Random(spec_seed)
@@ -166,7 +166,7 @@ class Engine:
         by step, and the run ends with the step under way."""
         if self._run_ends is not None:
             if self.step_markers:
-                under_way = self._run_passed[0]  # markers passed: same-time events in SimPy's order
+                under_way = self._run_under_way[0]  # its marker is queued: same-time events in SimPy's order
             else:
                 under_way = int(np.searchsorted(self._run_ends, self.env.now, side="left"))
             self.scheduler.settle_decode_run(under_way + 1)
@@ -332,35 +332,46 @@ class Engine:
             hook()
 
     def _marked_run(self, ends):
-        """The run with one marker event per step end, each queued when the step-by-step engine
+        """The run with marker events at step ends, each queued when the step-by-step engine
         would queue its step's event (at the end of the step before). With several engines an
         arrival can come at exactly the end of one of this engine's steps, from another
         engine's step ending then; SimPy serves same-time events in the order they were queued,
         and the markers keep that order: if this engine's step end came first, it planned the
         next step without the arrival. The process itself wakes once, at the last marker.
-        Returns the number of steps run."""
+
+        Only steps that start after the earliest event queued elsewhere need their own marker:
+        nothing else happens before that event, so the marker of the last step starting before
+        it is queued now, in the same order as at its step's start, and those of the steps in
+        between are never needed. Returns the number of steps run."""
         env = self.env
+        n = len(ends)
         last = env.event()  # the last step's marker, which the process waits on
-        passed = self._run_passed = [0]  # step ends the markers have passed
+        under_way = self._run_under_way = [0]  # the step whose marker is queued
 
         def queue(k):
-            ev = _timeout_at(env, float(ends[k]), last if k == len(ends) - 1 else None)
+            queue_ = env._queue
+            if queue_:  # the first step ending at or after the next event elsewhere
+                k = max(k, min(n - 1, int(np.searchsorted(ends, queue_[0][0], side="left"))))
+            else:
+                k = n - 1
+            under_way[0] = k
+            ev = _timeout_at(env, float(ends[k]), last if k == n - 1 else None)
             ev.callbacks.append(on_marker)
             return ev
 
         def on_marker(_ev):
-            passed[0] += 1
-            if passed[0] < len(ends) and self._run_ends is ends:
-                pending[0] = queue(passed[0])  # the next step is planned now
+            if under_way[0] + 1 < n and self._run_ends is ends:
+                pending[0] = queue(under_way[0] + 1)  # the next step is planned now
 
         pending = [None]
         try:
             pending[0] = queue(0)
             yield last
-            return len(ends)
+            return n
         except simpy.Interrupt:
+            k = under_way[0]
             yield pending[0]  # the step under way (its marker is queued) is the run's last
-            return passed[0]
+            return k + 1
 
     def _group_finished(self, left, fewest: int, steps: int) -> list[Request]:
         """Decode-group members whose last token came in the steps just run: they leave the group."""

@@ -33,6 +33,7 @@ of it is visibly wrong (`plausibility_warnings`).
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
@@ -187,6 +188,19 @@ def _spec_path(kind: str, name: str) -> Path:
 
 
 def _load_spec(kind: str, name: str, cls):
+    if not name.endswith(".toml"):
+        return _load_builtin_spec(kind, name, cls)
+    return _read_spec(kind, name, cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_builtin_spec(kind: str, name: str, cls):
+    """The shipped specs never change while the program runs; a calibration builds thousands
+    of scenarios from the same few."""
+    return _read_spec(kind, name, cls)
+
+
+def _read_spec(kind: str, name: str, cls):
     data = tomllib.loads(_spec_path(kind, name).read_text())
     unknown = set(data) - {f.name for f in fields(cls)}
     if unknown:
