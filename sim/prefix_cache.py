@@ -16,6 +16,15 @@ Memory follows vLLM's free queue, which SGLang's LRU eviction of unlocked leaves
 amounts to: a cached chunk nobody references still counts as free, sits in the queue in
 the order it was released, and is evicted (forgotten) only when its blocks are handed
 out again. A request referencing a cached chunk takes it out of the queue.
+
+Most workloads share nothing (a benchmark's random or dataset prompts): a *private*
+request's chunks can only ever be reused by itself, after a preemption. They form one run,
+chunks 0..n-1, released together (the last chunk first in the queue) and evicted from the
+top, so the cache keeps them as one queue entry and a count instead of an entry per chunk:
+the same hits, the same free blocks, the same eviction order, at a cost per request instead
+of per chunk. The one case a run cannot express (its own earlier chunks still cached while
+it computes them again, e.g. a PD decode instance taking it back without a lookup) turns
+the request's chunks into ordinary entries, in place (`_by_chunk`).
 """
 
 from __future__ import annotations
@@ -29,6 +38,14 @@ from .request import Request
 
 def named(req: Request) -> bool:
     return req.segments is not None or req.out_segment >= 0
+
+
+def private(req: Request) -> bool:
+    """Nobody else's prompt contains this one's tokens or reply (see `Request.segments`)."""
+    return req.segments is None and req.out_segment >= 0 and not req.kv_by_chunk
+
+
+_RUN = object()  # a lookup hit on a private request's own run, one per chunk
 
 
 def segments(req: Request) -> tuple[tuple[int, int], ...]:
@@ -69,6 +86,14 @@ class PrefixCache:
         taken from the cache: the model must compute at least one position to sample."""
         if not named(req) or req.num_blocks:
             return []
+        if private(req):
+            blocks = self.free_queue.get(("run", req.rid))
+            if blocks is None:
+                return []
+            n = blocks // self.chunk_blocks
+            if n <= (req.num_tokens - 1) // self.chunk_tokens:
+                return [_RUN] * n
+            self._by_chunk(req)  # the last chunk is not taken: it stays cached apart
         keys = []
         for i in range((req.num_tokens - 1) // self.chunk_tokens):
             key = self.chunk_key(req, i)
@@ -79,24 +104,37 @@ class PrefixCache:
 
     def blocks_to_pin(self, keys: list[tuple]) -> int:
         """Free blocks that referencing `keys` takes out of the free queue."""
+        if keys and keys[0] is _RUN:
+            return len(keys) * self.chunk_blocks  # all of them: only their request uses them
         return sum(self.chunk_blocks for k in keys if self.entries[k].ref == 0)
 
     def pin(self, req: Request, keys: list[tuple]) -> int:
-        for key in keys:
-            e = self.entries[key]
-            if e.ref == 0:
-                del self.free_queue[key]
-            e.ref += 1
-        req.kv_keys = list(keys)
-        hit = len(keys) * self.chunk_tokens
-        self.hit_tokens += hit
-        return len(keys) * self.chunk_blocks
+        n = len(keys)
+        if keys and keys[0] is _RUN:
+            del self.free_queue[("run", req.rid)]  # the whole run: a lookup never leaves its top
+            req.kv_run = n
+        else:
+            for key in keys:
+                e = self.entries[key]
+                if e.ref == 0:
+                    del self.free_queue[key]
+                e.ref += 1
+            req.kv_keys = list(keys)
+        self.hit_tokens += n * self.chunk_tokens
+        return n * self.chunk_blocks
 
     def register(self, req: Request) -> None:
         """Chunks `req` has now fully computed become reusable. A chunk someone else already
         cached stays private to `req` (vLLM keeps the first block with a hash)."""
         if not named(req):
             return
+        if private(req):
+            if ("run", req.rid) not in self.free_queue:
+                n = req.num_computed // self.chunk_tokens
+                if n > req.kv_run:
+                    req.kv_run = n
+                return
+            self._by_chunk(req)  # its earlier chunks are still cached: these are copies
         if req.kv_keys is None:
             req.kv_keys = []
         keys = req.kv_keys
@@ -117,6 +155,12 @@ class PrefixCache:
         while n > 0:
             key, blocks = next(iter(q.items()))
             del q[key]
+            if key[0] == "run" and blocks > n:  # a private run loses chunks from its top
+                evicted = -(-n // self.chunk_blocks) * self.chunk_blocks
+                if blocks > evicted:
+                    q[key] = blocks - evicted
+                    q.move_to_end(key, last=False)
+                blocks = evicted  # its last chunk's rest is handed back below
             self.entries.pop(key, None)  # a cached chunk handed out again is forgotten
             if blocks > n:
                 q[("anon", next(self._anon))] = blocks - n
@@ -131,6 +175,15 @@ class PrefixCache:
         """`req` lets go of its blocks: its tail goes into the queue first (evicted first),
         then its cached chunks, last chunk first, as they lose their last reference. Returns
         how many blocks became free (a chunk another request still uses does not)."""
+        if private(req):
+            run = req.kv_run * self.chunk_blocks
+            self.give(req.num_blocks - run)
+            if run:
+                if ("run", req.rid) in self.free_queue:  # pragma: no cover - an invariant
+                    raise RuntimeError(f"request {req.rid} released a second run of cached chunks")
+                self.free_queue[("run", req.rid)] = run
+            req.kv_run = 0
+            return req.num_blocks
         held = 0
         released = []
         for key in req.kv_keys or ():
@@ -146,6 +199,29 @@ class PrefixCache:
             self.free_queue[key] = self.chunk_blocks
         req.kv_keys = []
         return req.num_blocks - held + len(released) * self.chunk_blocks
+
+    def _by_chunk(self, req: Request) -> None:
+        """From now on keep `req`'s cached chunks as ordinary entries: those it holds, and its
+        run in the free queue replaced, in place, by its chunks (the last one first)."""
+        req.kv_by_chunk = True
+        held = [self.chunk_key(req, i) for i in range(req.kv_run)]
+        for key in held:
+            self.entries[key] = _Entry(1)
+        req.kv_keys, req.kv_run = held, 0
+        run = ("run", req.rid)
+        blocks = self.free_queue.get(run)
+        if blocks is None:
+            return
+        chunks = [self.chunk_key(req, i) for i in reversed(range(blocks // self.chunk_blocks))]
+        queue = OrderedDict()
+        for key, b in self.free_queue.items():
+            if key == run:
+                for c in chunks:
+                    self.entries[c] = _Entry(0)
+                    queue[c] = self.chunk_blocks
+            else:
+                queue[key] = b
+        self.free_queue = queue
 
     def free_blocks(self) -> int:
         return sum(self.free_queue.values())

@@ -48,11 +48,14 @@ class Request:
     pieces: list | None = None  # [clock, first step, end step, tokens per step]; None once folded
     error: str = ""
     # prefix caching: the prompt's content as (segment id, length) runs and the id of the generated
-    # tokens; segments None with out_segment >= 0: one segment of its own, id out_segment - 1;
-    # both unset: content not named (never cached)
+    # tokens; segments None with out_segment >= 0: one segment of its own, id out_segment - 1,
+    # which no other prompt contains, nor its reply (a private request); both unset: content
+    # not named (never cached)
     segments: tuple[tuple[int, int], ...] | None = None
     out_segment: int = -1
     kv_keys: list | None = None  # cached chunks this request references (see prefix_cache)
+    kv_run: int = 0  # a private request's own cached chunks it holds, counted (see prefix_cache)
+    kv_by_chunk: bool = False  # a private request whose chunks are kept one by one after all
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at (last) admission
     # multi-turn: sent after request `follows` completes, its prompt extended by that turn's
     # prompt and reply (the client fills them in then)

@@ -4,11 +4,13 @@ and the workloads that share prefixes (a shared prefix, multi-turn conversations
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from sim.config import ScenarioError, scenario_from_dict
 from sim.request import Request
 from sim.runner import simulate
 from tests.conftest import apply, engine_cfg, make_sched
+from tests.test_properties import scenarios
 
 
 def shared(rid: int, prefix: int, own: int, out: int = 4) -> Request:
@@ -172,3 +174,46 @@ def test_a_request_resumed_from_the_cache_samples_before_it_verifies_drafts():
     res = simulate(scenario_from_dict(data))
     assert res.num_preemptions >= 1 and res.prefix_hit_tokens > 0
     assert res.bench.metrics["completed"] == 2
+
+
+def _unshared_v1(**workload):
+    return scenario_from_dict({
+        "engine": {"scheduler": "vllm-v1", "max_model_len": 600, "max_num_batched_tokens": 128,
+                   "num_gpu_blocks_override": 60, "block_size": 16},
+        "workload": {"dataset_name": "random", "num_prompts": 40, "random_input_len": 300, "random_output_len": 120,
+                     "random_range_ratio": 0.5, "request_rate": "inf", **workload},
+        "step_time": {"step_overhead_s": 0.01, "per_prefill_token_s": 1e-4, "per_decode_seq_s": 1e-4}})
+
+
+def test_private_requests_keep_their_chunks_as_one_run_with_the_same_outcome(monkeypatch):
+    """Unshared prompts (no prefix, one turn) are private: their chunks are one queue entry per
+    request instead of one per chunk. The run gives the same hits, frees and evictions as the
+    entries (here with heavy preemption: 60 blocks for 40 requests of up to 570 tokens)."""
+    import sim.prefix_cache as pc
+
+    sc = _unshared_v1()
+    runs = simulate(sc)
+    assert runs.prefix_hit_tokens > 0 and runs.num_preemptions > 0  # requests resumed from their own chunks
+    monkeypatch.setattr(pc, "private", lambda req: False)
+    chunks = simulate(sc)
+    assert [r.token_times for r in runs.requests] == [r.token_times for r in chunks.requests]
+    for key in ("num_steps", "num_preemptions", "peak_kv_blocks", "prefix_hit_tokens"):
+        assert getattr(runs, key) == getattr(chunks, key), key
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_private_runs_equal_chunk_entries_on_random_scenarios(data):
+    """The same on the invariant tests' random scenarios: every engine, PD, several instances,
+    shared prefixes and conversations (not private) mixed in."""
+    import sim.prefix_cache as pc
+
+    sc = scenario_from_dict(data)
+    runs = simulate(sc)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pc, "private", lambda req: False)
+        chunks = simulate(sc)
+    assert [(r.status, r.error, r.token_times) for r in runs.requests] == \
+           [(r.status, r.error, r.token_times) for r in chunks.requests]
+    for key in ("num_steps", "num_preemptions", "peak_kv_blocks", "prefix_hit_tokens", "num_recomputes"):
+        assert getattr(runs, key) == getattr(chunks, key), key
