@@ -1,11 +1,17 @@
-"""Running requests that decode in lockstep, their state kept in arrays (event compression).
+"""Running requests that decode in lockstep, kept as counts (event compression).
 
 In a steady stretch every running request decodes one token per step, so what changes per
 step is the same for all of them: one more computed token, one more generated token, one
-more entry on the engine's decode clock. The group keeps each member's computed tokens,
-tokens still to generate and KV blocks in arrays, and the decode-clock length when it
-joined (its tokens since are the clock's entries since); a run of steps is a few array
-operations, whatever the number of members or steps.
+more entry on the engine's decode clock. The group counts its steps (`adv`) and keeps, per
+member, only what it had when it joined; everything a plan needs is kept up to date as a
+count, so a step costs the same whatever the number of members:
+
+- the context total: the members' computed tokens at joining, plus members x steps;
+- the first completion: members by the step at which they have nothing left to generate;
+- the KV blocks a step takes: a member's blocks are full every P = (1 + preallocation) x
+  block_size tokens, at the steps congruent to its first full step modulo P, and then takes
+  1 + preallocation blocks (as `KVCache.allocate` does one token at a time), so members are
+  counted by that residue and a step's take is one lookup.
 
 While a request is a member, its `Request` fields `num_computed`, `output_len`,
 `num_blocks`, `last_token_s` and its last token piece are stale; `write_back` brings them up
@@ -15,55 +21,104 @@ again: anything other than a plain decode of everyone, see `Scheduler._sync_grou
 
 from __future__ import annotations
 
-from operator import attrgetter
-
-import numpy as np
+import heapq
 
 from .request import Request
 from .tokens import StepClock
 
-_COMPUTED = attrgetter("num_computed")
-_BLOCKS = attrgetter("num_blocks")
-
 
 class DecodeGroup:
-    def __init__(self, clock: StepClock, cache=None):
+    def __init__(self, clock: StepClock, block_size: int, preallocate_blocks: int = 0, cache=None):
         self.clock = clock
+        self.block_size = block_size
+        self.per_take = 1 + preallocate_blocks  # blocks a member takes when its blocks are full
+        self.period = self.per_take * block_size  # tokens between two takes of one member
         self.cache = cache  # prefix cache: members' finished chunks are registered on write-back
         self.reqs: list[Request] = []
-        self.computed = np.empty(0, np.int64)  # tokens whose KV is computed
-        self.left = np.empty(0, np.int64)  # tokens still to generate
-        self.blocks = np.empty(0, np.int64)  # KV blocks held
-        self.kjoin = np.empty(0, np.int64)  # decode-clock length when it joined
+        self.adv = 0  # steps the group has run
+        self.taken_to = 0  # the KV of the steps before this one is taken
+        # per member, at joining: (computed tokens - adv, the step at which it has nothing left,
+        # decode-clock length, the step at which its blocks are first full, blocks held)
+        self.info: dict[Request, tuple[int, int, int, int, int]] = {}
+        self.sum_computed0 = 0  # members' computed tokens, minus adv each
+        self.finishing: dict[int, list[Request]] = {}  # by the step at which they finish, in member order
+        self._finish_steps: list[int] = []  # heap of the keys of `finishing` (stale ones popped lazily)
+        self.by_residue = [0] * self.period  # members by (first full step mod period)
+        # steps at which a member counted by its residue is not full yet (it joined with a
+        # period or more of room), with how many such members
+        self.phantoms: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.reqs)
 
+    def sum_computed(self) -> int:
+        return self.sum_computed0 + len(self.reqs) * self.adv
+
+    def fewest_left(self) -> int:
+        """Tokens left to the member closest to finishing."""
+        heap = self._finish_steps
+        while heap[0] not in self.finishing:
+            heapq.heappop(heap)
+        return heap[0] - self.adv
+
     def join(self, reqs: list[Request]) -> None:
         """Decoding requests (fields up to date) become members, in this order, after the others."""
-        n = len(reqs)
+        adv, k, bs, period = self.adv, len(self.clock), self.block_size, self.period
+        for r in reqs:
+            room = r.num_blocks * bs - r.num_computed  # tokens its blocks hold beyond the computed ones
+            if room < 0:  # pragma: no cover - an invariant
+                raise RuntimeError(f"request {r.rid} decodes with fewer KV blocks than its computed tokens need")
+            for s in range(adv + room - period, adv - 1, -period):
+                self.phantoms[s] = self.phantoms.get(s, 0) + 1
+            done_at = adv + r.max_tokens - r.output_len
+            self.info[r] = (r.num_computed - adv, done_at, k, adv + room, r.num_blocks)
+            self.sum_computed0 += r.num_computed - adv
+            self.by_residue[(adv + room) % period] += 1
+            if done_at in self.finishing:
+                self.finishing[done_at].append(r)
+            else:
+                self.finishing[done_at] = [r]
+                heapq.heappush(self._finish_steps, done_at)
         self.reqs.extend(reqs)
-        self.computed = np.concatenate((self.computed, np.fromiter(map(_COMPUTED, reqs), np.int64, n)))
-        self.left = np.concatenate((self.left, np.fromiter((r.max_tokens - r.output_len for r in reqs), np.int64, n)))
-        self.kjoin = np.concatenate((self.kjoin, np.full(n, len(self.clock), np.int64)))
-        self.blocks = np.concatenate((self.blocks, np.fromiter(map(_BLOCKS, reqs), np.int64, n)))
+
+    def blocks_due(self, steps: int = 1) -> int:
+        """Blocks the members take in the next `steps` steps whose KV is not taken yet: at each,
+        those whose blocks are full, which the residue of the step says (but for the steps
+        before a member's first full step that are one or more periods before it)."""
+        n, t, period, counts = len(self.reqs), self.taken_to, self.period, self.by_residue
+        cycles, rest = divmod(steps, period)
+        due = n * cycles
+        for s in range(t, t + rest):
+            due += counts[s % period]
+        if self.phantoms:
+            due -= sum(c for s, c in self.phantoms.items() if t <= s < t + steps)
+        return due * self.per_take
+
+    def take(self, steps: int = 1) -> None:
+        """The KV of the next `steps` steps is taken (the caller took `blocks_due(steps)` blocks)."""
+        self.taken_to += steps
+        if self.phantoms:
+            self.phantoms = {s: c for s, c in self.phantoms.items() if s >= self.taken_to}
 
     def advance(self, steps: int) -> None:
-        """Every member computed and received `steps` more tokens (new arrays: callers may hold
-        the old ones)."""
-        self.computed = self.computed + steps
-        self.left = self.left - steps
+        """Every member computed and received `steps` more tokens."""
+        if self.taken_to != self.adv + steps:  # pragma: no cover - an invariant
+            raise RuntimeError(f"decode group ran to step {self.adv + steps} with KV taken to {self.taken_to}")
+        self.adv += steps
 
-    def write_back(self, i: int) -> Request:
-        """Bring member `i`'s Request up to date (it keeps its place in the arrays)."""
-        req = self.reqs[i]
+    def _blocks(self, req: Request) -> int:
+        *_, full_at, blocks = self.info[req]
+        return blocks + self.per_take * max(0, -(-(self.taken_to - full_at) // self.period))
+
+    def write_back(self, req: Request) -> Request:
+        """Bring a member's Request up to date (it stays a member)."""
+        c0, done_at, k0, _, _ = self.info[req]
         clock = self.clock
-        k0, k1 = int(self.kjoin[i]), len(clock)
-        steps = k1 - k0
-        req.num_blocks = int(self.blocks[i])
-        req.num_computed = int(self.computed[i])
-        req.output_len = req.max_tokens - int(self.left[i])
-        if steps:
+        k1 = len(clock)
+        req.num_blocks = self._blocks(req)
+        req.num_computed = c0 + self.adv
+        req.output_len = req.max_tokens - (done_at - self.adv)
+        if k1 > k0:
             req.last_token_s = clock.ends[k1 - 1]
             p = req.pieces[-1]  # one token per clock entry since joining (sim.tokens)
             if p[0] is clock and p[2] == k0 and p[3] == 1:
@@ -74,19 +129,27 @@ class DecodeGroup:
                 self.cache.register(req)
         return req
 
-    def leave(self, idx: np.ndarray) -> list[Request]:
-        """Members at positions `idx` (ascending) leave, written back."""
-        out = [self.write_back(i) for i in idx.tolist()]
-        keep = np.ones(len(self.reqs), dtype=bool)
-        keep[idx] = False
-        for i in reversed(idx.tolist()):
-            del self.reqs[i]
-        self.computed, self.left = self.computed[keep], self.left[keep]
-        self.kjoin, self.blocks = self.kjoin[keep], self.blocks[keep]
-        return out
+    def pop_finished(self) -> list[Request]:
+        """Members with nothing left to generate leave, written back, in member order."""
+        done = self.finishing.pop(self.adv, None)
+        if not done:
+            return []
+        for req in done:
+            self.write_back(req)
+            c0, _, _, full_at, _ = self.info.pop(req)
+            self.sum_computed0 -= c0
+            self.by_residue[full_at % self.period] -= 1
+            for s in range(full_at - self.period, self.taken_to - 1, -self.period):
+                self.phantoms[s] -= 1
+        if len(done) == 1:
+            self.reqs.remove(done[0])  # compares by identity, in C
+        else:
+            gone = set(map(id, done))
+            self.reqs = [r for r in self.reqs if id(r) not in gone]
+        return done
 
     def dissolve(self) -> None:
         """Every member written back; the group is empty."""
-        for i in range(len(self.reqs)):
-            self.write_back(i)
-        self.__init__(self.clock, self.cache)
+        for req in self.reqs:
+            self.write_back(req)
+        self.__init__(self.clock, self.block_size, self.per_take - 1, self.cache)

@@ -250,7 +250,7 @@ class Engine:
             g = batch.group
             if g:  # the decode group's tokens: one clock entry for all of them (sim.decode_group)
                 dk = self.dclock.tick(now)
-                finished = self._group_finished(*sched.advance_decode_run(batch, 1), 1)
+                finished = self._group_finished(sched.advance_decode_run(batch, 1), 1)
             cache = sched.kv.prefix
             for req, n, decode in zip(batch.reqs[g:], batch.num_new[g:], batch.decode[g:]):
                 if decode and n > 1:
@@ -321,9 +321,9 @@ class Engine:
         if shape.num_seqs > self.max_batch_seqs:
             self.max_batch_seqs = shape.num_seqs
         self._after_idle = False
-        left, fewest = sched.advance_decode_run(batch, done)  # the KV the later steps allocated
+        fewest = sched.advance_decode_run(batch, done)  # the KV the later steps allocated
         self.dclock.ticks(ends[:done])  # every member got one token per step (sim.decode_group)
-        finished = self._group_finished(left, fewest, done)
+        finished = self._group_finished(fewest, done)
         if finished:
             sched.release_finished(finished)
             for req in finished:
@@ -373,14 +373,11 @@ class Engine:
             yield pending[0]  # the step under way (its marker is queued) is the run's last
             return k + 1
 
-    def _group_finished(self, left, fewest: int, steps: int) -> list[Request]:
+    def _group_finished(self, fewest: int, steps: int) -> list[Request]:
         """Decode-group members whose last token came in the steps just run: they leave the group."""
         if steps < fewest:
             return []
-        done = np.nonzero(left == steps)[0]
-        if not len(done):
-            return []
-        finished = self.scheduler.group.leave(done)
+        finished = self.scheduler.group.pop_finished()
         for req in finished:
             req.status = Status.FINISHED
         return finished

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from enum import Enum
 
-import numpy as np
 
 from .prefix_cache import PrefixCache
 from .request import Request
@@ -123,15 +122,6 @@ class KVCache:
         return True
 
     # --- runs of decode steps (event compression) --------------------------------------------
-    def decode_run_blocks(self, computed, blocks, steps: int):
-        """Blocks each decoding request takes over `steps` more one-token steps after the one
-        already allocated for, allocated as `allocate` does step by step: crossing into a new
-        block takes it and the preallocation. Arrays in, array out; exact while the pool never
-        runs short."""
-        chunk = 1 + self.preallocate_blocks
-        over = computed + (steps + 1) - blocks * self.block_size
-        return chunk * np.maximum(0, -(-over // (chunk * self.block_size)))
-
     def take_blocks(self, total: int) -> None:
         """Hand out `total` free blocks at once: the same blocks leave the free queue (prefix
         cache) as in several smaller allocations, and the peak is the same."""

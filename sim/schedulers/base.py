@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-import numpy as np
 
 from ..decode_group import DecodeGroup
 from ..kv_cache import KVCache, KVCacheError
@@ -87,7 +86,7 @@ class Scheduler:
         self.compress = False
         self.decode_clock = None  # the engine's decode clock, which the group's tokens land on
         self.group: DecodeGroup | None = None
-        self._run_state = None  # (batch, computed, tokens left) of the group's decode batch
+        self._run_state = None  # the decode group's planned batch and its run (see _decode_all)
 
     # --- queue plumbing ----------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -231,7 +230,7 @@ class Scheduler:
         token after generated ones, the token budget (if any) covers them, and the pool covers
         all their growth with `kv_reserve` blocks to spare (no allocation fails, no
         preallocation is cut short, no free-slot check trips). Same blocks, same batch, same
-        order; they decode as a `DecodeGroup`, in arrays. Returns how many were scheduled (the
+        order; they decode as a `DecodeGroup`, kept as counts. Returns how many were scheduled (the
         caller plans the rest of `running` request by request); 0: nothing was changed.
         `whole`: all of `running` or none."""
         if not self.compress or self.cfg.num_speculative_tokens:
@@ -239,9 +238,10 @@ class Scheduler:
         running = self.running
         group = self.group
         if group is None:
-            group = self.group = DecodeGroup(self.decode_clock, self.kv.prefix)
+            group = self.group = DecodeGroup(self.decode_clock, self.kv.block_size, self.kv.preallocate_blocks,
+                                             self.kv.prefix)
         m = len(group)
-        if running[:m] != group.reqs:  # members are always the head of `running`, in order
+        if (m and (len(running) < m or running[m - 1] is not group.reqs[-1])) or group.taken_to != group.adv:
             raise RuntimeError("decode group out of step with the running queue")  # pragma: no cover
         k = m
         for r in running[m:]:  # decoders right behind the members join them
@@ -253,16 +253,12 @@ class Scheduler:
         if not k or (whole and k < len(running)) or (budget is not None and budget < k):
             return 0
         kv = self.kv
-        computed = group.computed
-        take = np.maximum((computed + kv.block_size) // kv.block_size - group.blocks, 0)  # blocks_for(c+1) - held
-        if kv.preallocate_blocks:
-            take += kv.preallocate_blocks * (take > 0)
-        total = int(take.sum())
-        if total > kv.num_free - kv_reserve:
+        due = group.blocks_due()  # members whose blocks are full take one and the preallocation
+        if due > kv.num_free - kv_reserve:
             return 0
-        if total:
-            group.blocks += take
-            kv.take_blocks(total)
+        if due:
+            kv.take_blocks(due)
+        group.take()
         batch.reqs.extend(group.reqs)
         batch.num_new.extend([1] * k)
         batch.decode.extend([True] * k)
@@ -270,11 +266,11 @@ class Scheduler:
         shape = batch.shape
         shape.num_seqs += k
         shape.decode_seqs += k
-        shape.decode_ctx_tokens += int(computed.sum()) + k
-        left = group.left
-        # batch, tokens computed and left per member, the fewest left, the run's KV growth (when
-        # known), and for how many steps the growth was already taken (a settled run, see Engine)
-        self._run_state = [batch, computed, left, int(left.min()), None, 0]
+        shape.decode_ctx_tokens += group.sum_computed() + k
+        # batch, the fewest tokens left, the run's KV growth: for how many steps it was worked
+        # out and what it is, and for how many steps it was already taken (a settled run, see
+        # Engine)
+        self._run_state = [batch, group.fewest_left(), 0, 0, 0]
         return k
 
     def _decode_run_steps(self, batch: Batch, kv_reserve: int) -> int:
@@ -290,56 +286,51 @@ class Scheduler:
         if (state is None or state[0] is not batch or batch.group != len(batch.reqs) or batch.preempted
                 or batch.aborted or self.rejected or len(self.running) != batch.group):
             return 1
-        _, computed, _, steps, _, _ = state  # the last step is the first completion
+        steps = state[1]  # the last step is the first completion
         if steps < 2:
             return 1
-        kv = self.kv
-        limit = kv.num_free - kv_reserve
-        blocks = self.group.blocks
-        taken = kv.decode_run_blocks(computed, blocks, steps - 1)
-        if taken.sum() <= limit:
-            state[4] = taken  # kept for advance_decode_run if the run is not cut short
+        limit = self.kv.num_free - kv_reserve
+        due = self.group.blocks_due(steps - 1)
+        if due <= limit:
+            state[2], state[3] = steps, due  # kept for advance_decode_run if the run is not cut short
             return steps
         lo, hi = 0, steps - 1  # growth over `lo` extra steps fits, over `hi` it does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if kv.decode_run_blocks(computed, blocks, mid).sum() <= limit:
+            if self.group.blocks_due(mid) <= limit:
                 lo = mid
             else:
                 hi = mid
         return lo + 1
 
-    def advance_decode_run(self, batch: Batch, steps: int) -> tuple[np.ndarray, int]:
+    def advance_decode_run(self, batch: Batch, steps: int) -> int:
         """The engine ran `steps` steps of the decode group's batch (the first one planned by
         `schedule`): allocate the KV the other steps took, as they would have one by one.
-        Returns each member's tokens left before the run, and the fewest of them."""
-        _, computed, left, fewest, taken, settled = self._run_state
+        Returns the fewest tokens any member had left before the run."""
+        _, fewest, due_for, due, settled = self._run_state
         self._run_state = None
         if settled:
             if settled != steps:  # pragma: no cover - an invariant
                 raise RuntimeError(f"decode run settled at {settled} steps, ended after {steps}")
         elif steps > 1:
-            if taken is None or steps != fewest:  # computed for the whole run; this one was cut short
-                taken = self.kv.decode_run_blocks(computed, self.group.blocks, steps - 1)
-            self._take_run_blocks(taken)
+            if due_for != steps:  # worked out for the whole run; this one was cut short
+                due = self.group.blocks_due(steps - 1)
+            self._take_run_blocks(due, steps - 1)
         self.group.advance(steps)
-        return left, fewest
+        return fewest
 
     def settle_decode_run(self, steps: int) -> None:
         """The run will end after `steps` steps and someone outside the engine needs its KV pool
         now: the blocks of the steps planned so far are taken now."""
-        state = self._run_state
         if steps > 1:
-            self._take_run_blocks(self.kv.decode_run_blocks(state[1], self.group.blocks, steps - 1))
-        state[5] = steps
+            self._take_run_blocks(self.group.blocks_due(steps - 1), steps - 1)
+        self._run_state[4] = steps
 
-    def _take_run_blocks(self, taken: np.ndarray) -> None:
+    def _take_run_blocks(self, total: int, steps: int) -> None:
+        """The `total` blocks of `steps` more steps of the run are taken now."""
         kv = self.kv
-        total = int(taken.sum())
         if total > kv.num_free:
             raise KVCacheError(f"a decode run needs {total} blocks, {kv.num_free} free")
         if total:
-            self.group.blocks += taken
             kv.take_blocks(total)
-
-
+        self.group.take(steps)

@@ -42,14 +42,15 @@ class VllmV0Scheduler(Scheduler):
         the walk, so it blocks everyone behind it.
         """
         kv = self.kv
+        limit = self._prompt_limit()
         admitted: list[Request] = []
         while self.waiting:
             req = self.waiting[0]
             remaining = req.num_tokens - req.num_computed
             n = min(remaining, token_budget) if chunking else remaining
-            if n > self._prompt_limit():
+            if n > limit:
                 self.waiting.popleft()
-                self.reject(req, f"Input prompt ({n} tokens) is too long and exceeds limit of {self._prompt_limit()}")
+                self.reject(req, f"Input prompt ({n} tokens) is too long and exceeds limit of {limit}")
                 continue
             verdict = kv.can_allocate(remaining)
             if verdict is AllocStatus.LATER:
