@@ -113,6 +113,53 @@ def test_sglang_retracts_fewest_generated_ties_longest_prompt_to_the_tail():
     assert s.new_token_ratio == pytest.approx(min(1.0, (2 + 20) / 60))
 
 
+def test_sglang_decode_memory_check_counts_a_page_per_request_whose_pages_are_full():
+    """check_decode_mem with pages: a request whose pages are full needs a whole new page for
+    its next token, the others none (new_page_count_next_decode); with 1-token pages, one slot
+    per request. Retraction starts when the free pages cannot cover that."""
+    s = sg(kv_cache_tokens=40, block_size=4, chunked_prefill_size=-1, context_length=40)
+    full, roomy = req(7, out=20), req(5, out=20)  # 8 and 6 tokens computed after one decode each
+    for r in (full, roomy):
+        r.output_len = 2
+        r.num_computed = r.num_tokens - 1
+        r.status = Status.RUNNING
+        s.kv.allocate(r, r.num_computed)
+        s.running.append(r)
+    assert s._decode_mem([full, roomy]) == 4  # one page, for `full` (8 computed in 2 pages of 4)
+    s.kv.num_free = 1  # one page left: enough, nothing is retracted
+    batch = s.schedule()
+    assert s.running == [full, roomy] and batch.reqs == [full, roomy] and not batch.preempted
+    one = sg(kv_cache_tokens=40)
+    assert one._decode_mem([full, roomy]) == 2
+
+
+def test_sglang_decodes_never_outgrow_their_pages(monkeypatch):
+    """A pool of 64 four-token pages shared by requests that outgrow it: every planned step's
+    tokens have pages (the memory check retracts first when they would not; counting one
+    token per request, an allocation could fail and a request compute tokens its pages did
+    not hold)."""
+    from sim.config import scenario_from_dict
+    from sim.runner import simulate
+    from sim.schedulers.sglang import SglangScheduler
+
+    plan = SglangScheduler._schedule
+
+    def checked(self):
+        batch = plan(self)
+        for r, n in zip(batch.reqs, batch.num_new):
+            assert r.num_blocks * self.kv.block_size >= r.num_computed + n, r.rid
+        return batch
+
+    monkeypatch.setattr(SglangScheduler, "_schedule", checked)
+    res = simulate(scenario_from_dict({
+        "engine": {"scheduler": "sglang", "block_size": 4, "context_length": 124, "chunked_prefill_size": -4,
+                   "max_prefill_tokens": 1, "max_running_requests": 3, "kv_cache_tokens": 256},
+        "workload": {"dataset_name": "random", "num_prompts": 3, "random_input_len": 25, "random_output_len": 62,
+                     "random_range_ratio": 0.0, "request_rate": "inf", "seed": 0},
+        "step_time": {"step_overhead_s": 0.01}}), compress=False)  # every request's fields up to date
+    assert res.bench.metrics["completed"] == 3 and res.num_preemptions >= 1
+
+
 def test_sglang_new_token_ratio_decays_per_decode_step_and_resets_when_idle():
     s = sg()
     s.add(a := req(10, out=5))

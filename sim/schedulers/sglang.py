@@ -16,6 +16,7 @@ SGLang over-admits while things go well and backs off when memory runs out.
 
 from __future__ import annotations
 
+from ..kv_cache import KVCacheError
 from ..request import Request, Status
 from .base import Batch, Scheduler
 
@@ -129,7 +130,10 @@ class SglangScheduler(Scheduler):
             if rem_chunk is not None:
                 rem_chunk -= n
         self.running.extend(admitted)
-        if mixed_tokens and batch.reqs:
+        if mixed_tokens and batch.reqs and kv.num_free * kv.block_size >= self._decode_mem(decoding):
+            # the running requests decode in the same step; when the prefill left no room for
+            # their next pages (SGLang would run out of memory), they wait for the next decode
+            # step, whose memory check retracts as needed
             self._add_decodes(batch, decoding)
         return batch
 
@@ -137,7 +141,8 @@ class SglangScheduler(Scheduler):
     def _add_decodes(self, batch: Batch, reqs: list[Request]) -> None:
         n = 1 + self.cfg.num_speculative_tokens  # with MTP/EAGLE every decode verifies its drafts
         for req in reqs:
-            self.kv.allocate(req, req.num_computed + n)
+            if not self.kv.allocate(req, req.num_computed + n):  # pragma: no cover - check_decode_mem passed
+                raise KVCacheError(f"request {req.rid}: no KV for its decode after the memory check")
             batch.add(req, n, decode=True)
 
     def _decode_batch(self) -> Batch:
@@ -145,15 +150,14 @@ class SglangScheduler(Scheduler):
         decoding = [r for r in self.running if r is not self.chunked_req]
         if not decoding:
             return batch
-        per_req = 1 + self.cfg.num_speculative_tokens
-        if self.kv.num_free * self.kv.block_size < len(decoding) * per_req:  # check_decode_mem
+        if self.kv.num_free * self.kv.block_size < self._decode_mem(decoding):  # check_decode_mem
             self._sync_group()
             decoding = self._retract(decoding, batch)
             self.new_token_ratio = self._ratio_after_retract(decoding)
-            if self.kv.num_free * self.kv.block_size < len(decoding) * per_req and self.chunked_req is not None:
+            if self.kv.num_free * self.kv.block_size < self._decode_mem(decoding) and self.chunked_req is not None:
                 self._requeue(self.chunked_req)  # SGLang would assert here; the simulator makes room
                 self.chunked_req = None
-            if self.kv.num_free * self.kv.block_size < len(decoding) * per_req:
+            if self.kv.num_free * self.kv.block_size < self._decode_mem(decoding):
                 for req in decoding:  # one request left and no slot: it can never finish
                     self.running.remove(req)
                     self.reject(req, f"request needs more KV than the pool holds ({self.kv.capacity_tokens} tokens)")
@@ -165,6 +169,21 @@ class SglangScheduler(Scheduler):
         self._sync_group()
         self._add_decodes(batch, decoding)
         return batch
+
+    def _decode_mem(self, decoding: list[Request]) -> int:
+        """`check_decode_mem`: KV slots the next decode step needs. One per request (and one
+        per draft token) with 1-token pages; with larger pages, a whole page for each request
+        whose pages are full (SGLang's `new_page_count_next_decode`), so that every decode's
+        allocation then succeeds."""
+        kv = self.kv
+        per_req = 1 + self.cfg.num_speculative_tokens
+        if kv.block_size == 1:
+            return len(decoding) * per_req
+        group = self.group if self.group is not None and len(self.group) else None
+        pages = group.blocks_due() if group is not None else 0  # members' fields are stale
+        pages += sum(max(0, kv.blocks_for(r.num_computed + per_req) - r.num_blocks)
+                     for r in decoding if group is None or r not in group.info)
+        return pages * kv.block_size
 
     def _retract(self, decoding: list[Request], batch: Batch) -> list[Request]:
         """Retract the requests with the fewest generated tokens (ties: the longest prompt)
