@@ -144,8 +144,8 @@ class DecodeGroup:
         if len(done) == 1:
             self.reqs.remove(done[0])  # compares by identity, in C
         else:
-            gone = set(map(id, done))
-            self.reqs = [r for r in self.reqs if id(r) not in gone]
+            gone = set(done)  # requests hash by identity
+            self.reqs = [r for r in self.reqs if r not in gone]
         return done
 
     def dissolve(self) -> None:

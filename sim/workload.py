@@ -7,6 +7,8 @@ processes. Lengths are token counts only; there is no text.
 
 from __future__ import annotations
 
+import functools
+
 import math
 import random
 from dataclasses import dataclass
@@ -36,14 +38,27 @@ def load_sharegpt_lengths(path: str | None) -> pd.DataFrame:
     """Prompt/completion token counts, columns `prompt_tokens,completion_tokens`."""
     if path is None:
         with resources.as_file(resources.files("sim.data") / SHAREGPT_DEFAULT) as p:
-            return pd.read_csv(p)
+            return _read_csv(p)
     return _read_dataset(path, ("prompt_tokens", "completion_tokens"))
+
+
+def _read_csv(path) -> pd.DataFrame:
+    """A CSV file's table, read once per process while the file stays the same: a sweep or a
+    calibration builds its workload from the same file thousands of times. Callers must not
+    change the table."""
+    st = Path(path).stat()
+    return _read_csv_cached(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_csv_cached(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
+    return pd.read_csv(path)
 
 
 def _read_dataset(path: str, columns: tuple[str, ...]) -> pd.DataFrame:
     if not Path(path).exists():
         raise WorkloadError(f"workload.dataset_path: file not found: {path}")
-    df = pd.read_csv(path)
+    df = _read_csv(path)
     missing = set(columns) - set(df.columns)
     if missing:
         raise WorkloadError(f"workload.dataset_path: {path} lacks column(s) {sorted(missing)}")
@@ -58,8 +73,7 @@ def sample_sharegpt(df: pd.DataFrame, num_prompts: int, seed: int, fixed_output_
     """
     prompts = df["prompt_tokens"].to_numpy()
     completions = df["completion_tokens"].to_numpy()
-    order = list(range(len(df)))
-    random.Random(seed).shuffle(order)
+    order = _shuffled(len(df), seed)
     out: list[Sample] = []
     for i in order:
         p = int(prompts[i])
@@ -74,6 +88,15 @@ def sample_sharegpt(df: pd.DataFrame, num_prompts: int, seed: int, fixed_output_
     raise WorkloadError(
         f"workload.num_prompts: only {len(out)} ShareGPT samples pass vLLM's filter, {num_prompts} requested"
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _shuffled(n: int, seed: int) -> tuple[int, ...]:
+    """range(n) in the order `random.Random(seed).shuffle` leaves it (vLLM's sampler), once per
+    process for each dataset size and seed."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return tuple(order)
 
 
 def sample_random(
@@ -154,7 +177,7 @@ def load_trace(path: str, num_prompts: int | None, time_scale: float) -> tuple[l
     """
     if not Path(path).exists():
         raise WorkloadError(f"workload.trace_path: file not found: {path}")
-    df = pd.read_csv(path)
+    df = _read_csv(path)
     cols = {c.lower(): c for c in df.columns}
     try:
         ts_col, in_col, out_col = cols["timestamp"], cols["contexttokens"], cols["generatedtokens"]
