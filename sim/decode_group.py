@@ -47,6 +47,7 @@ class DecodeGroup:
         # steps at which a member counted by its residue is not full yet (it joined with a
         # period or more of room), with how many such members
         self.phantoms: dict[int, int] = {}
+        self.fresh: list[Request] = []  # joined, chunks not yet registered as of their first step
 
     def __len__(self) -> int:
         return len(self.reqs)
@@ -80,6 +81,20 @@ class DecodeGroup:
                 self.finishing[done_at] = [r]
                 heapq.heappush(self._finish_steps, done_at)
         self.reqs.extend(reqs)
+        if self.cache is not None:
+            self.fresh.extend(reqs)
+
+    def register_fresh(self) -> None:
+        """The prefix cache learns of new members' chunks as of the end of their first step in the
+        group, as step by step (a prompt arriving by KV transfer is registered then). Later
+        chunks hold generated tokens, which nobody else's prompt contains yet, so they wait for
+        `write_back`; these may not: whether a chunk is cached already decides whether it
+        becomes an entry, so they are registered before anything else takes blocks."""
+        for req in self.fresh:
+            if req in self.info:
+                req.num_computed = self.info[req][0] + self.adv + 1
+                self.cache.register(req)
+        self.fresh = []
 
     def blocks_due(self, steps: int = 1) -> int:
         """Blocks the members take in the next `steps` steps whose KV is not taken yet: at each,
@@ -102,6 +117,8 @@ class DecodeGroup:
 
     def advance(self, steps: int) -> None:
         """Every member computed and received `steps` more tokens."""
+        if self.fresh:
+            self.register_fresh()
         if self.taken_to != self.adv + steps:  # pragma: no cover - an invariant
             raise RuntimeError(f"decode group ran to step {self.adv + steps} with KV taken to {self.taken_to}")
         self.adv += steps

@@ -327,7 +327,10 @@ class Scheduler:
         self._run_state[4] = steps
 
     def _take_run_blocks(self, total: int, steps: int) -> None:
-        """The `total` blocks of `steps` more steps of the run are taken now."""
+        """The `total` blocks of `steps` more steps of the run are taken now (after the run's
+        first step, so new members' chunks are registered first)."""
+        if self.group.fresh:
+            self.group.register_fresh()
         kv = self.kv
         if total > kv.num_free:
             raise KVCacheError(f"a decode run needs {total} blocks, {kv.num_free} free")
