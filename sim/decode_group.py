@@ -90,6 +90,8 @@ class DecodeGroup:
         chunks hold generated tokens, which nobody else's prompt contains yet, so they wait for
         `write_back`; these may not: whether a chunk is cached already decides whether it
         becomes an entry, so they are registered before anything else takes blocks."""
+        if not self.fresh:
+            return
         for req in self.fresh:
             if req in self.info:
                 req.num_computed = self.info[req][0] + self.adv + 1
@@ -117,8 +119,7 @@ class DecodeGroup:
 
     def advance(self, steps: int) -> None:
         """Every member computed and received `steps` more tokens."""
-        if self.fresh:
-            self.register_fresh()
+        self.register_fresh()
         if self.taken_to != self.adv + steps:  # pragma: no cover - an invariant
             raise RuntimeError(f"decode group ran to step {self.adv + steps} with KV taken to {self.taken_to}")
         self.adv += steps

@@ -329,8 +329,7 @@ class Scheduler:
     def _take_run_blocks(self, total: int, steps: int) -> None:
         """The `total` blocks of `steps` more steps of the run are taken now (after the run's
         first step, so new members' chunks are registered first)."""
-        if self.group.fresh:
-            self.group.register_fresh()
+        self.group.register_fresh()
         kv = self.kv
         if total > kv.num_free:
             raise KVCacheError(f"a decode run needs {total} blocks, {kv.num_free} free")
