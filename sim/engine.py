@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import random
+from bisect import bisect_left
 from heapq import heappush
 
-import numpy as np
 import simpy
 from simpy.events import NORMAL
 
@@ -168,7 +168,7 @@ class Engine:
             if self.step_markers:
                 under_way = self._run_under_way[0]  # its marker is queued: same-time events in SimPy's order
             else:
-                under_way = int(np.searchsorted(self._run_ends, self.env.now, side="left"))
+                under_way = bisect_left(self._run_ends, self.env.now)
             self.scheduler.settle_decode_run(under_way + 1)
             self.wake()
 
@@ -305,12 +305,12 @@ class Engine:
             done = yield from self._marked_run(ends)
         else:
             try:
-                yield _timeout_at(env, float(ends[-1]))
+                yield _timeout_at(env, ends[-1])
                 done = steps
             except simpy.Interrupt:
                 # something arrived during step j (or exactly at its end): the run ends with it
-                done = int(np.searchsorted(ends, env.now, side="left")) + 1
-                yield _timeout_at(env, float(ends[done - 1]))
+                done = bisect_left(ends, env.now) + 1
+                yield _timeout_at(env, ends[done - 1])
         self._run_ends = None
 
         shape = batch.shape
@@ -351,11 +351,11 @@ class Engine:
         def queue(k):
             queue_ = env._queue
             if queue_:  # the first step ending at or after the next event elsewhere
-                k = max(k, min(n - 1, int(np.searchsorted(ends, queue_[0][0], side="left"))))
+                k = max(k, min(n - 1, bisect_left(ends, queue_[0][0])))
             else:
                 k = n - 1
             under_way[0] = k
-            ev = _timeout_at(env, float(ends[k]), last if k == n - 1 else None)
+            ev = _timeout_at(env, ends[k], last if k == n - 1 else None)
             ev.callbacks.append(on_marker)
             return ev
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .step_time import BatchShape
+from .step_time import RUN_VECTORISE_STEPS, BatchShape, run_ends_vectorised
 
 GIB = 1024**3
 
@@ -346,6 +346,31 @@ class RooflineStepTime:
         t_gpu = np.maximum(t_compute, t_memory) + self._s_comm_per_token * tokens / c.comm_efficiency
         prefill = c.prefill_overhead_s if b.prefill_tokens else 0.0
         return c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill + np.maximum(c.launch_overhead_s, t_gpu)
+
+    def decode_run_ends(self, b: BatchShape, steps: int, now: float) -> list[float]:
+        """See `sim.step_time.decode_run_ends`: the batch-constant terms once, the context terms
+        per step, in `step_time`'s order (so `step_time`'s floats), in a plain loop for short
+        runs and one numpy call for long ones."""
+        if steps >= RUN_VECTORISE_STEPS:
+            return run_ends_vectorised(self.decode_step_times, b, steps, now)
+        c = self.coeffs
+        tokens = b.prefill_tokens + b.decode_seqs + b.spec_tokens
+        compute_fixed = self._s_per_token_flop * tokens + self._s_per_seq_flop * b.num_seqs
+        memory_fixed = self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)
+        comm = self._s_comm_per_token * tokens / c.comm_efficiency
+        prefill = c.prefill_overhead_s if b.prefill_tokens else 0.0
+        fixed = c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill
+        s_pair, s_ctx, ce, me, launch = self._s_per_pair, self._s_per_ctx_token, c.compute_efficiency, \
+            c.memory_efficiency, c.launch_overhead_s
+        pairs, ctx, n, ends, t = b.prefill_attn_pairs, b.decode_ctx_tokens, b.num_seqs, [], now
+        for _ in range(steps):
+            t_compute = (compute_fixed + s_pair * (pairs + ctx)) / ce
+            t_memory = (memory_fixed + s_ctx * ctx) / me
+            t_gpu = (t_memory if t_memory > t_compute else t_compute) + comm  # max(), first of equals
+            t += fixed + (t_gpu if t_gpu > launch else launch)
+            ends.append(t)
+            ctx += n
+        return ends
 
     @property
     def frontend_latency_s(self) -> float:

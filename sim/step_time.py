@@ -97,6 +97,21 @@ class StepTimeParams:
             + self.per_decode_ctx_token_s * ctx
         )
 
+    def decode_run_ends(self, b: BatchShape, steps: int, now: float) -> list[float]:
+        """See `sim.step_time.decode_run_ends`: everything but the context term is added up once,
+        in `step_time`'s order, so each step's float is `step_time`'s."""
+        if steps >= RUN_VECTORISE_STEPS:
+            return run_ends_vectorised(self.decode_step_times, b, steps, now)
+        fixed = (self.step_overhead_s + self.per_seq_s * b.num_seqs
+                 + self.per_prefill_token_s * (b.prefill_tokens + b.spec_tokens)
+                 + self.per_decode_seq_s * b.decode_seqs + self.per_prefill_attn_pair_s * b.prefill_attn_pairs)
+        per_ctx, ctx, n, ends, t = self.per_decode_ctx_token_s, b.decode_ctx_tokens, b.num_seqs, [], now
+        for _ in range(steps):
+            t += fixed + per_ctx * ctx
+            ends.append(t)
+            ctx += n
+        return ends
+
     def step_times(self, f):
         """Vectorised over a step-feature matrix (columns as in `sim.perf_model.features`),
         the same operations in the same order as `step_time`, so the same floats come out."""
@@ -110,25 +125,35 @@ class StepTimeParams:
         )
 
 
-def decode_run_ends(model, shape: BatchShape, steps: int, now: float):
+RUN_VECTORISE_STEPS = 64  # a run this long or longer is one numpy call; shorter, a plain loop is cheaper
+
+
+def decode_run_ends(model, shape: BatchShape, steps: int, now: float) -> list[float]:
     """End times of `steps` pure-decode steps of the batch `shape` starting at `now`, each
     attending over one more token per request than the step before (the only thing that
     changes in a run). The durations are `step_time`'s floats and the ends are added up one
-    step at a time, as the step-by-step engine adds them: the same times, bit for bit. Short
-    runs are cheaper step by step; long ones take one vectorised call (`decode_step_times`)."""
+    step at a time, as the step-by-step engine adds them: the same times, bit for bit. The
+    engines' models split the step time into a part fixed for the run and the context terms
+    (`decode_run_ends` on the model); any other model is asked step by step."""
+    run = getattr(model, "decode_run_ends", None)
+    if run is not None:
+        return run(shape, steps, now)
+    b, ends, t = shape, [], now
+    for j in range(steps):
+        t += model.step_time(BatchShape(b.num_seqs, b.prefill_tokens, b.prefill_attn_pairs, b.decode_seqs,
+                                        b.decode_ctx_tokens + b.num_seqs * j, b.spec_tokens))
+        ends.append(t)
+    return ends
+
+
+def run_ends_vectorised(step_times, b: BatchShape, steps: int, now: float) -> list[float]:
+    """`decode_run_ends` for a long run: `step_times(b, ctx)` over every step's context total
+    at once, then a running sum (numpy's cumsum adds in order, like `now += dt`)."""
     import numpy as np
 
-    b = shape
-    if steps <= 8 or not hasattr(model, "decode_step_times"):
-        ends, t = [], now
-        for j in range(steps):
-            t += model.step_time(BatchShape(b.num_seqs, b.prefill_tokens, b.prefill_attn_pairs, b.decode_seqs,
-                                            b.decode_ctx_tokens + b.num_seqs * j, b.spec_tokens))
-            ends.append(t)
-        return np.array(ends)
     ctx = b.decode_ctx_tokens + b.num_seqs * np.arange(steps, dtype=np.int64)
-    dts = np.asarray(model.decode_step_times(b, ctx), dtype=np.float64) * np.ones(steps)
-    return np.cumsum(np.concatenate(([now], dts)))[1:]  # sequential, like now += dt
+    dts = np.asarray(step_times(b, ctx), dtype=np.float64) * np.ones(steps)
+    return np.cumsum(np.concatenate(([now], dts)))[1:].tolist()
 
 
 class StepTimeModel(Protocol):

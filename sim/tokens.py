@@ -39,10 +39,10 @@ class StepClock:
         self.ends.append(t)
         return len(self.ends) - 1
 
-    def ticks(self, times: np.ndarray) -> int:
+    def ticks(self, times: list[float]) -> int:
         """Several steps ended at `times`; returns the index of the first."""
         k = len(self.ends)
-        self.ends.frombytes(np.ascontiguousarray(times, dtype=np.float64).tobytes())
+        self.ends.extend(times)
         return k
 
 

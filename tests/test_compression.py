@@ -97,7 +97,7 @@ def test_run_step_times_are_the_step_by_step_floats(kind, seqs, ctx, steps):
     for j in range(steps):  # what the step-by-step engine's clock does
         now += model.step_time(BatchShape(seqs, 0, 0.0, seqs, ctx + seqs * j, 0))
         one_by_one.append(now)
-    assert run.tolist() == one_by_one  # bit for bit
+    assert run == one_by_one  # bit for bit
 
 
 # Cases the random search found, kept as regression tests: engines in lockstep whose step ends
