@@ -125,6 +125,7 @@ class Engine:
         # event compression (see _decode_run); recording keeps every step's plan, so it plans each
         self.compress = compress and not record_steps
         self._run_ends = None  # step end times of the decode run in progress
+        self._run_cut = 0  # the steps it was cut to (_cut_run), 0 if not cut
         scheduler.compress = self.compress
         scheduler.decode_clock = self.dclock
         self.process = env.process(self._run())
@@ -157,8 +158,24 @@ class Engine:
         if self._wakeup is not None and not self._wakeup.triggered:
             self._wakeup.succeed()
         elif self._run_ends is not None:
-            self._run_ends = None
-            self.process.interrupt()
+            ends, self._run_ends = self._run_ends, None
+            if self.step_markers:
+                self.process.interrupt()
+            else:
+                self._cut_run(ends)
+
+    def _cut_run(self, ends: list[float]) -> None:
+        """End the decode run in progress with the step under way (something arrived during it,
+        or exactly at its end). The process waits on the run's last step end; it is moved to the
+        end of the step under way instead, the way SimPy's own interrupt moves it off its target,
+        without an interrupt event and exception per arrival."""
+        done = bisect_left(ends, self.env.now) + 1
+        self._run_cut = done
+        if done < len(ends):
+            proc = self.process
+            proc._target.callbacks.remove(proc._resume)
+            proc._target = _timeout_at(self.env, ends[done - 1])
+            proc._target.callbacks.append(proc._resume)
 
     def settle(self) -> None:
         """Someone outside the engine is about to read or change its KV pool (the PD hand-off):
@@ -304,13 +321,9 @@ class Engine:
         if self.step_markers:
             done = yield from self._marked_run(ends)
         else:
-            try:
-                yield _timeout_at(env, ends[-1])
-                done = steps
-            except simpy.Interrupt:
-                # something arrived during step j (or exactly at its end): the run ends with it
-                done = bisect_left(ends, env.now) + 1
-                yield _timeout_at(env, ends[done - 1])
+            self._run_cut = 0
+            yield _timeout_at(env, ends[-1])  # or earlier: see _cut_run
+            done = self._run_cut or steps
         self._run_ends = None
 
         shape = batch.shape
