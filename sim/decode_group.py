@@ -125,7 +125,7 @@ class DecodeGroup:
         self.adv += steps
 
     def _blocks(self, req: Request) -> int:
-        *_, full_at, blocks = self.info[req]
+        _, _, _, full_at, blocks = self.info[req]
         return blocks + self.per_take * max(0, -(-(self.taken_to - full_at) // self.period))
 
     def write_back(self, req: Request) -> Request:

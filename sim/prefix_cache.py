@@ -154,17 +154,28 @@ class PrefixCache:
         q = self.free_queue
         while n > 0:
             key, blocks = next(iter(q.items()))
+            kind = key[0]
+            if blocks > n:  # the last entry taken from: what it keeps stays at the head
+                if kind == "anon":
+                    q[key] = blocks - n
+                    return
+                if kind == "run":  # a private run loses whole chunks from its top
+                    evicted = -(-n // self.chunk_blocks) * self.chunk_blocks
+                    if blocks > evicted:
+                        q[key] = blocks - evicted
+                    else:
+                        del q[key]
+                    blocks = evicted  # its last chunk's rest is handed back below
+                else:
+                    del q[key]
+                    del self.entries[key]  # a cached chunk handed out again is forgotten
+                if blocks > n:
+                    q[("anon", next(self._anon))] = blocks - n
+                    q.move_to_end(next(reversed(q)), last=False)
+                return
             del q[key]
-            if key[0] == "run" and blocks > n:  # a private run loses chunks from its top
-                evicted = -(-n // self.chunk_blocks) * self.chunk_blocks
-                if blocks > evicted:
-                    q[key] = blocks - evicted
-                    q.move_to_end(key, last=False)
-                blocks = evicted  # its last chunk's rest is handed back below
-            self.entries.pop(key, None)  # a cached chunk handed out again is forgotten
-            if blocks > n:
-                q[("anon", next(self._anon))] = blocks - n
-                q.move_to_end(next(reversed(q)), last=False)
+            if kind != "anon" and kind != "run":
+                del self.entries[key]
             n -= blocks
 
     def give(self, n: int) -> None:

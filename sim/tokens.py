@@ -112,7 +112,7 @@ class TokenStats:
 
     def add(self, req) -> None:
         """Fold a finished request's pieces in (other requests are not counted, as in vLLM's client)."""
-        if req.status.value != "finished" or not req.pieces:
+        if req.status != "finished" or not req.pieces:  # a str enum: compares as its value
             return
         prev_t = None
         tallies = self.tallies
@@ -121,8 +121,9 @@ class TokenStats:
             if t is None:
                 t = tallies[id(clock)] = (clock, array("q"), array("q"))
             emit_diff, gap_diff = t[1], t[2]
-            if len(emit_diff) <= b:
-                grow = bytes(8 * (max(b + 1, len(clock.ends) + 1) - len(emit_diff)))
+            if len(emit_diff) <= b:  # grown to the clock's length and an eighth more, not per request
+                size = max(b + 1, len(clock.ends) + 1)
+                grow = bytes(8 * (size + (size >> 3) - len(emit_diff)))
                 emit_diff.frombytes(grow)
                 gap_diff.frombytes(grow)
             emit_diff[a] += n
