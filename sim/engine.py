@@ -128,12 +128,15 @@ class Engine:
         self._run_cut = 0  # the steps it was cut to (_cut_run), 0 if not cut
         scheduler.compress = self.compress
         scheduler.decode_clock = self.dclock
+        # fixed for the run: the server's front end (its length check and latency)
+        self._server = "sglang" if scheduler.name == "sglang" else "vllm"
+        self._frontend_delay = getattr(step_model, "frontend_latency_s", 0.0)
         self.process = env.process(self._run())
 
     # --- arrivals -----------------------------------------------------------------
     def submit(self, req: Request) -> None:
         """The client sends a request; the scheduler sees it after the front end's latency."""
-        delay = getattr(self.step_model, "frontend_latency_s", 0.0)
+        delay = self._frontend_delay
         if delay > 0:
             self.env.timeout(delay).callbacks.append(lambda _event: self._arrive(req))
         else:
@@ -141,7 +144,7 @@ class Engine:
 
     def _arrive(self, req: Request) -> None:
         """The OpenAI front end answers HTTP 400 at once, or hands the request to the scheduler."""
-        error = front_door_error(req, self.max_model_len, "sglang" if self.scheduler.name == "sglang" else "vllm")
+        error = front_door_error(req, self.max_model_len, self._server)
         if error:
             req.status = Status.FAILED
             req.error = error
