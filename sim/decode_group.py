@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 
+from .prefix_cache import private
 from .request import Request
 from .tokens import StepClock
 
@@ -97,6 +98,16 @@ class DecodeGroup:
                 req.num_computed = self.info[req][0] + self.adv + 1
                 self.cache.register(req)
         self.fresh = []
+
+    def registers_prompt_chunks(self) -> bool:
+        """Will `register_fresh` put prompt chunks in the prefix cache that another request could
+        reuse? A prompt that arrived by KV transfer (PD) is registered only after its first step
+        here; a prompt computed here was registered when it was computed."""
+        if not self.fresh:  # (always so without a prefix cache)
+            return False
+        size = self.cache.chunk_tokens
+        return any(r in self.info and not private(r) and len(r.kv_keys or ()) < r.prompt_len // size
+                   for r in self.fresh)
 
     def blocks_due(self, steps: int = 1) -> int:
         """Blocks the members take in the next `steps` steps whose KV is not taken yet: at each,

@@ -102,7 +102,9 @@ def test_run_step_times_are_the_step_by_step_floats(kind, seqs, ctx, steps):
 
 # Cases the random search found, kept as regression tests: engines in lockstep whose step ends
 # coincide with arrivals (event order at equal times), a PD hand-off whose admission hook would
-# act after the first step of a run, and an SGLang rejection of a newcomer during a run.
+# act after the first step of a run, an SGLang rejection of a newcomer during a run, and a PD
+# decode instance whose waiting head hits, after one step, the shared prompt prefix of a request
+# whose KV arrived by transfer (registered in the prefix cache after its first step there).
 _LOCKSTEP = {
     "engine": {"scheduler": "vllm-v0", "enable_chunked_prefill": False, "block_size": 1, "max_model_len": 8,
                "max_num_seqs": 2, "max_num_batched_tokens": 8, "num_gpu_blocks_override": 8},
@@ -127,7 +129,19 @@ _SGLANG_REJECT = {
                  "random_range_ratio": 0.5, "request_rate": 50.0, "burstiness": 3.0, "seed": 1},
     "step_time": {"model": "llama-2-7b", "hardware": "a100-80g", "tp": 1}}
 
+_PD_SHARED_PREFIX = {
+    "kv_transfer": {"latency_s": 0.0, "bandwidth_gbps": 1e-06, "layerwise": False, "bytes_per_token": 1.0},
+    "engine": {"scheduler": "vllm-v1", "enable_chunked_prefill": False, "block_size": 1, "max_model_len": 57,
+               "max_num_seqs": 3, "max_num_batched_tokens": 57, "num_gpu_blocks_override": 60,
+               "enable_prefix_caching": True},
+    "deployment": {"instances": 1, "mode": "pd", "prefill_instances": 1, "decode_instances": 1,
+                   "pd_design": "sglang", "reserved_decode_tokens": 0},
+    "workload": {"dataset_name": "random", "client": "vllm", "num_prompts": 3, "random_input_len": 1,
+                 "random_output_len": 3, "random_range_ratio": 0.0, "request_rate": "inf", "seed": 0,
+                 "random_prefix_len": 19},
+    "step_time": {"model": "llama-2-7b", "hardware": "a100-80g", "tp": 1}}
+
 
 def test_found_cases_stay_equal():
-    for data in (_LOCKSTEP, _PD_HOOK, _SGLANG_REJECT):
+    for data in (_LOCKSTEP, _PD_HOOK, _SGLANG_REJECT, _PD_SHARED_PREFIX):
         assert_same_run(scenario_from_dict(data))

@@ -289,6 +289,8 @@ class Scheduler:
         steps = state[1]  # the last step is the first completion
         if steps < 2:
             return 1
+        if self.waiting and self.group.registers_prompt_chunks():
+            return 1  # the waiting head may hit the prompt chunks cached after this step
         limit = self.kv.num_free - kv_reserve
         due = self.group.blocks_due(steps - 1)
         if due <= limit:
