@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .step_time import RUN_VECTORISE_STEPS, BatchShape, run_ends_vectorised
+from .step_time import BatchShape
 
 GIB = 1024**3
 
@@ -349,10 +349,7 @@ class RooflineStepTime:
 
     def decode_run_ends(self, b: BatchShape, steps: int, now: float) -> list[float]:
         """See `sim.step_time.decode_run_ends`: the batch-constant terms once, the context terms
-        per step, in `step_time`'s order (so `step_time`'s floats), in a plain loop for short
-        runs and one numpy call for long ones."""
-        if steps >= RUN_VECTORISE_STEPS:
-            return run_ends_vectorised(self.decode_step_times, b, steps, now)
+        per step, in `step_time`'s order (so `step_time`'s floats), in a plain loop."""
         c = self.coeffs
         tokens = b.prefill_tokens + b.decode_seqs + b.spec_tokens
         compute_fixed = self._s_per_token_flop * tokens + self._s_per_seq_flop * b.num_seqs

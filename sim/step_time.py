@@ -100,8 +100,6 @@ class StepTimeParams:
     def decode_run_ends(self, b: BatchShape, steps: int, now: float) -> list[float]:
         """See `sim.step_time.decode_run_ends`: everything but the context term is added up once,
         in `step_time`'s order, so each step's float is `step_time`'s."""
-        if steps >= RUN_VECTORISE_STEPS:
-            return run_ends_vectorised(self.decode_step_times, b, steps, now)
         fixed = (self.step_overhead_s + self.per_seq_s * b.num_seqs
                  + self.per_prefill_token_s * (b.prefill_tokens + b.spec_tokens)
                  + self.per_decode_seq_s * b.decode_seqs + self.per_prefill_attn_pair_s * b.prefill_attn_pairs)
@@ -134,7 +132,10 @@ def decode_run_ends(model, shape: BatchShape, steps: int, now: float) -> list[fl
     changes in a run). The durations are `step_time`'s floats and the ends are added up one
     step at a time, as the step-by-step engine adds them: the same times, bit for bit. The
     engines' models split the step time into a part fixed for the run and the context terms
-    (`decode_run_ends` on the model); any other model is asked step by step."""
+    (`decode_run_ends` on the model, a plain loop) and take long runs in one numpy call
+    (`decode_step_times`); any other model is asked step by step."""
+    if steps >= RUN_VECTORISE_STEPS and hasattr(model, "decode_step_times"):
+        return _run_ends_vectorised(model.decode_step_times, shape, steps, now)
     run = getattr(model, "decode_run_ends", None)
     if run is not None:
         return run(shape, steps, now)
@@ -146,7 +147,7 @@ def decode_run_ends(model, shape: BatchShape, steps: int, now: float) -> list[fl
     return ends
 
 
-def run_ends_vectorised(step_times, b: BatchShape, steps: int, now: float) -> list[float]:
+def _run_ends_vectorised(step_times, b: BatchShape, steps: int, now: float) -> list[float]:
     """`decode_run_ends` for a long run: `step_times(b, ctx)` over every step's context total
     at once, then a running sum (numpy's cumsum adds in order, like `now += dt`)."""
     import numpy as np
