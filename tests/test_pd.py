@@ -141,3 +141,31 @@ def test_recompute_scheduler_needs_the_vllm_design():
 
     with pytest.raises(ScenarioError, match="recompute_scheduler"):
         simulate(_sc(design="sglang", dep={"recompute_scheduler": True}))
+
+
+def test_sglang_decode_retracts_a_stalled_chunked_prompt_when_transferred_requests_hold_the_pool():
+    """An SGLang decode instance (vLLM-style hand-off) whose pool is held by transferred requests
+    waiting behind a retracted request that is being prefilled again in chunks: the chunk gets
+    no page and nothing runs that could free one. The chunked request is retracted again so the
+    waiting requests run; before, the run ended in SimulationStuck (found by the random search)."""
+    data = {
+        "kv_transfer": {"latency_s": 0.0, "bandwidth_gbps": 1e-6, "layerwise": False, "bytes_per_token": 1.0},
+        "engine": {"scheduler": "sglang", "block_size": 1, "context_length": 99, "chunked_prefill_size": 1,
+                   "max_prefill_tokens": 1, "max_running_requests": 4, "kv_cache_tokens": 208,
+                   "enable_mixed_chunk": False, "disable_radix_cache": False, "radix_chunk_tokens": 1,
+                   "num_speculative_tokens": 2, "spec_acceptance_rate": 0.0},
+        "deployment": {"mode": "pd", "prefill_instances": 1, "decode_instances": 1, "pd_design": "vllm",
+                       "reserved_decode_tokens": 0, "router": "round_robin"},
+        "workload": {"dataset_name": "random", "client": "vllm", "num_prompts": 23, "random_input_len": 36,
+                     "random_output_len": 44, "random_range_ratio": 0.5, "request_rate": "inf",
+                     "burstiness": 0.5, "seed": 164, "max_concurrency": 5},
+        "step_time": {"step_overhead_s": 0.001, "per_prefill_token_s": 1e-4, "per_decode_seq_s": 1e-4,
+                      "per_decode_ctx_token_s": 1e-7},
+    }
+    res = simulate(scenario_from_dict(data))
+    m = res.bench.metrics
+    assert m["completed"] + m["failed"] == 23 and m["completed"] > 0
+    assert res.num_preemptions > 0
+    for r in res.requests:
+        if not r.error:
+            assert len(r.token_times) == r.max_tokens

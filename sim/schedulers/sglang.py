@@ -87,8 +87,18 @@ class SglangScheduler(Scheduler):
             req = self.chunked_req
             remaining = req.num_tokens - req.num_computed
             n = remaining if rem_chunk is None else max(0, min(remaining, rem_chunk))
-            if n <= 0 or not kv.allocate(req, req.num_computed + n):
+            if n <= 0:
                 return batch
+            if not kv.allocate(req, req.num_computed + n):
+                if decoding or not self.waiting:
+                    return batch  # a decode step frees or retracts; or a transfer is still coming
+                # Nothing runs that could ever free a page, and the waiting requests hold the rest
+                # of the pool (a PD decode instance: their KV was transferred in). SGLang would
+                # run out of memory here; the simulator retracts the chunked request instead, as
+                # its decode-side memory check does, so those requests can run first.
+                self._requeue(req)
+                self.chunked_req = None
+                return self._prefill_batch()
             batch.add(req, n, decode=False)
             last = n == remaining
             if last:
