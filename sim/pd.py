@@ -184,6 +184,7 @@ class PDDeployment:
         if job.status is Status.FAILED:  # P could never fit it
             self.decode[dd].settle()
             self.decode[dd].scheduler.kv.free(req)
+            self.decode[dd].wake()  # the memory it held may let D's waiting head run
             if self.design == "sglang":
                 self.holding[dd] -= 1
             self._fail(req, p, dd, job.error)
@@ -224,6 +225,7 @@ class PDDeployment:
             if req.max_tokens == 1:
                 req.status = Status.FINISHED
                 eng.scheduler.kv.free(req)
+                eng.wake()  # the memory it held may let D's waiting head run
                 self._finish(req, dd)
                 return
             eng.scheduler.admit_transferred(req, computed=req.prompt_len)

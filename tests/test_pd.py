@@ -169,3 +169,29 @@ def test_sglang_decode_retracts_a_stalled_chunked_prompt_when_transferred_reques
     for r in res.requests:
         if not r.error:
             assert len(r.token_times) == r.max_tokens
+
+
+def test_decode_engine_wakes_when_a_one_token_request_frees_its_preallocated_kv():
+    """SGLang design: D pre-allocates a request's KV; one with max_tokens = 1 finishes when its
+    KV lands (P's token is its only one) and frees that memory. A request waiting on D for
+    exactly that memory (preempted, needing its whole context back) must be planned again then;
+    before, the idle D engine was not woken and the run ended in SimulationStuck (found by the
+    random invariant test, kept as a regression test)."""
+    data = {
+        "kv_transfer": {"latency_s": 0.0, "bandwidth_gbps": 1e-6, "layerwise": False, "bytes_per_token": 1.0},
+        "engine": {"scheduler": "vllm-v1", "enable_chunked_prefill": False, "block_size": 1, "max_model_len": 315,
+                   "max_num_seqs": 2, "max_num_batched_tokens": 315, "num_gpu_blocks_override": 410,
+                   "enable_prefix_caching": False},
+        "deployment": {"mode": "pd", "prefill_instances": 1, "decode_instances": 1, "pd_design": "sglang",
+                       "reserved_decode_tokens": 0, "router": "round_robin"},
+        "workload": {"dataset_name": "random", "client": "vllm-legacy", "num_prompts": 10, "random_input_len": 210,
+                     "random_output_len": 32, "random_range_ratio": 0.0, "request_rate": "inf", "burstiness": 0.5,
+                     "seed": 131, "random_prefix_len": 0, "turns": 2},
+        "step_time": {"step_overhead_s": 0.001, "per_prefill_token_s": 1e-4, "per_decode_seq_s": 1e-4,
+                      "per_decode_ctx_token_s": 1e-7},
+    }
+    res = simulate(scenario_from_dict(data))
+    m = res.bench.metrics
+    assert m["completed"] + m["failed"] == len(res.requests) and m["completed"] > 0
+    assert res.num_preemptions > 0
+    assert any(r.max_tokens == 1 and not r.error for r in res.requests)  # the request that frees the memory
