@@ -99,10 +99,14 @@ def scenarios(draw):
                           reserved_decode_tokens=draw(st.sampled_from([0, 8, 512])))
         if deployment["pd_design"] == "vllm" and scheduler == "vllm-v1":
             deployment["recompute_scheduler"] = draw(st.booleans())
+        bandwidth = draw(st.sampled_from([1e-6, 1e-3, 10.0]))
+        # 1e-6 Gbps moves 1 KB/s: a crawling link whose KV backs up on P, at 1 ms per token. At
+        # 1 s per token a P engine that keeps re-prefilling behind KV held for transfers (as vLLM
+        # V1 does when a chunk gets no block) runs millions of steps before the link frees it.
         extra["kv_transfer"] = {"latency_s": draw(st.sampled_from([0.0, 0.001, 0.05])),
-                                "bandwidth_gbps": draw(st.sampled_from([1e-6, 1e-3, 10.0])),
+                                "bandwidth_gbps": bandwidth,
                                 "layerwise": draw(st.booleans()),
-                                "bytes_per_token": draw(st.sampled_from([1.0, 1000.0]))}
+                                "bytes_per_token": 1.0 if bandwidth < 1e-3 else draw(st.sampled_from([1.0, 1000.0]))}
     return {
         **extra,
         "engine": engine,
