@@ -24,7 +24,7 @@ from simpy.events import NORMAL
 
 from .request import Request, Status
 from .schedulers.base import Scheduler
-from .step_time import BatchShape, StepTimeModel, decode_run_ends
+from .step_time import BatchShape, StepTimeModel, chunked_run_ends, decode_run_ends
 from .tokens import StepClock, emit_chunk
 
 
@@ -242,6 +242,12 @@ class Engine:
                     steps = 1  # a hook may act after this step, as it would step by step
                 yield from self._decode_run(batch, steps)
                 continue
+            if batch.group and batch.group + 1 == len(batch.reqs) and not self.after_step and not self.step_markers:
+                # the group and one prompt's chunk: a run while the chunk stays the same
+                steps = sched.steady_steps(batch)
+                if steps > 1:
+                    yield from self._decode_run(batch, steps)
+                    continue
             shape = batch.shape
             dt = self.step_model.step_time(shape)
             t0 = env.now
@@ -317,9 +323,18 @@ class Engine:
         arrival during the run ends it with the step under way, exactly where the step-by-step
         engine would first see it. `simulate(compress=False)` is the reference this is tested
         against.
+
+        The batch may also carry one prompt chunk that takes the token budget the decodes leave
+        (vLLM V0's chunked prefill with a small budget): it repeats too, moving on by the same
+        number of tokens a step, until the prompt's last chunk (see `steady_steps`).
         """
         env, sched = self.env, self.scheduler
-        ends = decode_run_ends(self.step_model, batch.shape, steps, env.now)
+        chunked = batch.reqs[-1] if len(batch.reqs) > batch.group else None  # a prompt's chunk rides along
+        if chunked is None:
+            ends = decode_run_ends(self.step_model, batch.shape, steps, env.now)
+        else:
+            ends = chunked_run_ends(self.step_model, batch.shape, steps, env.now, batch.num_new[-1],
+                                    chunked.num_computed)
         self._run_ends = ends
         if self.step_markers:
             done = yield from self._marked_run(ends)
@@ -332,11 +347,14 @@ class Engine:
         shape = batch.shape
         self.num_steps += done
         sched.steps_done = self.num_steps
-        if shape.num_seqs > self.max_batch_tokens:
-            self.max_batch_tokens = shape.num_seqs
+        ntok = shape.prefill_tokens + shape.decode_seqs
+        if ntok > self.max_batch_tokens:
+            self.max_batch_tokens = ntok
         if shape.num_seqs > self.max_batch_seqs:
             self.max_batch_seqs = shape.num_seqs
         self._after_idle = False
+        if chunked is not None:  # its chunks' KV was allocated with the whole prompt (vLLM V0)
+            chunked.num_computed += batch.num_new[-1] * done
         fewest = sched.advance_decode_run(batch, done)  # the KV the later steps allocated
         self.dclock.ticks(ends[:done])  # every member got one token per step (sim.decode_group)
         finished = self._group_finished(fewest, done)

@@ -147,6 +147,21 @@ def decode_run_ends(model, shape: BatchShape, steps: int, now: float) -> list[fl
     return ends
 
 
+def chunked_run_ends(model, shape: BatchShape, steps: int, now: float, chunk: int, computed: int) -> list[float]:
+    """End times of `steps` steps of the batch `shape`: decodes plus one prompt chunk of `chunk`
+    tokens after `computed` cached ones. From step to step the decodes attend over one more
+    token each and the chunk moves on by `chunk` tokens; its attention pairs are summed as
+    `BatchShape.add_chunk` sums them. These runs are short (a prompt's few chunks), so each
+    step is timed by `step_time`: the same floats as step by step."""
+    b, ends, t = shape, [], now
+    for j in range(steps):
+        c = computed + chunk * j
+        t += model.step_time(BatchShape(b.num_seqs, b.prefill_tokens, 0.0 + (chunk * c + chunk * (chunk + 1) / 2),
+                                        b.decode_seqs, b.decode_ctx_tokens + b.decode_seqs * j, b.spec_tokens))
+        ends.append(t)
+    return ends
+
+
 def _run_ends_vectorised(step_times, b: BatchShape, steps: int, now: float) -> list[float]:
     """`decode_run_ends` for a long run: `step_times(b, ctx)` over every step's context total
     at once, then a running sum (numpy's cumsum adds in order, like `now += dt`)."""

@@ -273,20 +273,24 @@ class Scheduler:
         self._run_state = [batch, group.fewest_left(), 0, 0, 0]
         return k
 
-    def _decode_run_steps(self, batch: Batch, kv_reserve: int) -> int:
+    def _decode_run_steps(self, batch: Batch, kv_reserve: int, chunk_steps: int = 0) -> int:
         """For a batch in which the decode group (every running request) decodes one token and
         nothing else happens: the steps until the first request finishes, fewer if the KV pool
         could run short (the growth must never need more than `num_free - kv_reserve` blocks, so
         every allocation and every free-slot check succeeds exactly as step by step).
+        `chunk_steps`: the batch also carries the one other running request's prompt chunk,
+        which the caller showed stays the same for that many steps.
 
         Why the batch repeats: each request's next step is again one decode token; the engine's
         admission rules were just tried and stopped, and a run of decodes only takes free
         blocks away, so they stay shut until something arrives (which ends the run)."""
         state = self._run_state
-        if (state is None or state[0] is not batch or batch.group != len(batch.reqs) or batch.preempted
-                or batch.aborted or self.rejected or len(self.running) != batch.group):
+        if (state is None or state[0] is not batch or batch.group + (1 if chunk_steps else 0) != len(batch.reqs)
+                or batch.preempted or batch.aborted or self.rejected or len(self.running) != len(batch.reqs)):
             return 1
         steps = state[1]  # the last step is the first completion
+        if chunk_steps:
+            steps = min(steps, chunk_steps)
         if steps < 2:
             return 1
         if self.waiting and self.group.registers_prompt_chunks():

@@ -149,4 +149,18 @@ class VllmV0Scheduler(Scheduler):
             return 1  # a policy that plans differently plans every step
         # admission stopped at the head (blocks "later", the budget, or max_num_seqs) and stays
         # stopped while decodes only take blocks; a decode needs one free block at its check
+        # (so does a prompt chunk on a partly filled block)
+        chunk = len(batch.reqs) - batch.group
+        if chunk == 1 and batch.group and self.cfg.enable_chunked_prefill:
+            return self._decode_run_steps(batch, kv_reserve=1, chunk_steps=self._chunk_steps(batch))
         return self._decode_run_steps(batch, kv_reserve=1)
+
+    def _chunk_steps(self, batch: Batch) -> int:
+        """Steps for which the decode group's batch with one running prompt's chunk stays the
+        same: the chunk takes all the budget the decodes leave (nobody can be admitted) and
+        is not the prompt's last (that one emits a token and the request starts decoding).
+        Its blocks were all allocated at admission, so only the decodes take memory."""
+        req, n = batch.reqs[-1], batch.num_new[-1]
+        if batch.decode[-1] or self.kv.prefix is not None or n != self.cfg.max_num_batched_tokens - batch.group:
+            return 0
+        return (req.num_tokens - req.num_computed - 1) // n
