@@ -325,8 +325,8 @@ class Engine:
         against.
 
         The batch may also carry one prompt chunk that takes the token budget the decodes leave
-        (vLLM V0's chunked prefill with a small budget): it repeats too, moving on by the same
-        number of tokens a step, until the prompt's last chunk (see `steady_steps`).
+        (vLLM's chunked prefill with a small budget): it repeats too, moving on by the same
+        number of tokens a step, until the prompt's last chunk (see the schedulers' `steady_steps`).
         """
         env, sched = self.env, self.scheduler
         chunked = batch.reqs[-1] if len(batch.reqs) > batch.group else None  # a prompt's chunk rides along
@@ -353,9 +353,9 @@ class Engine:
         if shape.num_seqs > self.max_batch_seqs:
             self.max_batch_seqs = shape.num_seqs
         self._after_idle = False
-        if chunked is not None:  # its chunks' KV was allocated with the whole prompt (vLLM V0)
-            chunked.num_computed += batch.num_new[-1] * done
         fewest = sched.advance_decode_run(batch, done)  # the KV the later steps allocated
+        if chunked is not None:
+            sched.advance_chunk(chunked, batch.num_new[-1], done)
         self.dclock.ticks(ends[:done])  # every member got one token per step (sim.decode_group)
         finished = self._group_finished(fewest, done)
         if finished:

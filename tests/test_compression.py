@@ -77,14 +77,27 @@ def test_compression_equal_on_seed004_and_cuts_planned_steps():
     assert calls["n"] < res.num_steps / 5
 
 
-def test_chunked_prefill_runs_equal_step_by_step_and_cut_planned_steps():
-    """vLLM V0 with a small chunked-prefill budget: the decodes plus one prompt's chunk that
-    takes the rest of the budget repeat until the prompt's last chunk, and run as one event."""
-    sc = load_scenario("scenarios/seed004/enable-64.toml", ["workload.num_prompts=300"])
+_V1_LONG_PROMPTS = {  # vLLM 0.8's V1: chunks allocated one by one with 64 tokens preallocated, prefix caching
+    "engine": {"scheduler": "vllm-v1", "version": "0.8.5", "max_model_len": 8192, "max_num_batched_tokens": 256,
+               "kv_cache_tokens": 9000, "enable_prefix_caching": True},
+    "workload": {"dataset_name": "random", "num_prompts": 200, "random_input_len": 2000, "random_output_len": 100,
+                 "random_range_ratio": 0.5, "request_rate": 2.0, "seed": 3},
+    "step_time": {"model": "llama-2-7b", "hardware": "a100-80g", "tp": 1}}
+
+
+@pytest.mark.parametrize("engine", ["vllm-v0", "vllm-v1"])
+def test_chunked_prefill_runs_equal_step_by_step_and_cut_planned_steps(engine):
+    """A small chunked-prefill budget: the decodes plus one prompt's chunk that takes the rest of
+    the budget repeat until the prompt's last chunk, and run as one event (V0 holds the prompt's
+    blocks from admission; V1 allocates chunk by chunk, and preempts here when short)."""
+    if engine == "vllm-v0":
+        sc = load_scenario("scenarios/seed004/enable-64.toml", ["workload.num_prompts=300"])
+    else:
+        sc = scenario_from_dict(_V1_LONG_PROMPTS)
     assert_same_run(sc)
     from sim.schedulers.base import Scheduler
 
-    calls = {"n": 0, "mixed": 0}
+    calls = {"n": 0}
     original = Scheduler.schedule
 
     def counting(self):
@@ -96,10 +109,8 @@ def test_chunked_prefill_runs_equal_step_by_step_and_cut_planned_steps():
         res = simulate(sc)
     finally:
         Scheduler.schedule = original
-    # most steps carry a prompt chunk here (see the recorded steps), yet far fewer plans
-    steps = simulate(sc, record_steps=True).steps
-    assert sum(1 for s in steps if s.shape.prefill_tokens and s.shape.decode_seqs) > 0.5 * len(steps)
-    assert calls["n"] < res.num_steps / 2
+    # (without these runs: 1,891 plans for V0's 3,304 steps, 2,134 for V1's 5,576)
+    assert calls["n"] < res.num_steps / 3
 
 
 @settings(max_examples=200, deadline=None)

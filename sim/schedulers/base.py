@@ -273,13 +273,14 @@ class Scheduler:
         self._run_state = [batch, group.fewest_left(), 0, 0, 0]
         return k
 
-    def _decode_run_steps(self, batch: Batch, kv_reserve: int, chunk_steps: int = 0) -> int:
+    def _decode_run_steps(self, batch: Batch, kv_reserve: int, chunk_steps: int = 0, chunk_blocks=None) -> int:
         """For a batch in which the decode group (every running request) decodes one token and
         nothing else happens: the steps until the first request finishes, fewer if the KV pool
         could run short (the growth must never need more than `num_free - kv_reserve` blocks, so
         every allocation and every free-slot check succeeds exactly as step by step).
         `chunk_steps`: the batch also carries the one other running request's prompt chunk,
-        which the caller showed stays the same for that many steps.
+        which the caller showed stays the same for that many steps; `chunk_blocks(m)`: the
+        blocks it takes in the m steps after the first (None: none, its prompt's are held).
 
         Why the batch repeats: each request's next step is again one decode token; the engine's
         admission rules were just tried and stopped, and a run of decodes only takes free
@@ -297,13 +298,13 @@ class Scheduler:
             return 1  # the waiting head may hit the prompt chunks cached after this step
         limit = self.kv.num_free - kv_reserve
         due = self.group.blocks_due(steps - 1)
-        if due <= limit:
+        if due + (chunk_blocks(steps - 1) if chunk_blocks else 0) <= limit:
             state[2], state[3] = steps, due  # kept for advance_decode_run if the run is not cut short
             return steps
         lo, hi = 0, steps - 1  # growth over `lo` extra steps fits, over `hi` it does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if self.group.blocks_due(mid) <= limit:
+            if self.group.blocks_due(mid) + (chunk_blocks(mid) if chunk_blocks else 0) <= limit:
                 lo = mid
             else:
                 hi = mid
@@ -324,6 +325,14 @@ class Scheduler:
             self._take_run_blocks(due, steps - 1)
         self.group.advance(steps)
         return fewest
+
+    def advance_chunk(self, req: Request, n: int, steps: int) -> None:
+        """The prompt chunk that ran along the decode group for `steps` steps (`steady_steps`):
+        `n` more tokens computed each, their KV already held (vLLM V0 allocates a prompt's
+        blocks at admission); full chunks become reusable as step by step."""
+        req.num_computed += n * steps
+        if self.kv.prefix is not None:
+            self.kv.prefix.register(req)
 
     def settle_decode_run(self, steps: int) -> None:
         """The run will end after `steps` steps and someone outside the engine needs its KV pool

@@ -8,6 +8,8 @@ whole prompt.
 
 from __future__ import annotations
 
+from ..kv_cache import KVCacheError
+from ..prefix_cache import private
 from ..request import Status
 from .base import Batch, Scheduler
 
@@ -90,4 +92,42 @@ class VllmV1Scheduler(Scheduler):
             return 1  # a policy that plans differently plans every step
         # waiting requests were not admitted (seats, budget or blocks) and will not be while
         # decodes only take blocks; V1 has no watermark or free-slot check
+        if len(batch.reqs) == batch.group + 1 and batch.group:
+            steps, blocks = self._chunk_steps(batch)
+            return self._decode_run_steps(batch, kv_reserve=0, chunk_steps=steps, chunk_blocks=blocks)
         return self._decode_run_steps(batch, kv_reserve=0)
+
+    def _chunk_steps(self, batch: Batch):
+        """Steps for which the decode group's batch with the one other running request's prompt
+        chunk stays the same: the chunk takes all the budget the decodes leave (so nobody is
+        admitted), it is not the prompt's last, and the context limit does not shorten it; and
+        the blocks that chunk takes in the steps after the first (V1 allocates chunk by chunk).
+        With prefix caching only a request whose content nobody shares and whose own cached
+        chunks are not in the free queue (its registration is then a count)."""
+        req, n = batch.reqs[-1], batch.num_new[-1]
+        cfg, kv = self.cfg, self.kv
+        if batch.decode[-1] or n != cfg.max_num_batched_tokens - batch.group:
+            return 0, None
+        if kv.prefix is not None and (not private(req) or ("run", req.rid) in kv.prefix.free_queue):
+            return 0, None
+        c0 = req.num_computed  # before this step
+        steps = min((req.num_tokens - c0 - 1) // n, (cfg.max_model_len - 1 - c0) // n)
+
+        def blocks(m: int) -> int:
+            held = held0 = req.num_blocks  # after this step's allocation
+            for j in range(1, m + 1):
+                need = kv.blocks_for(c0 + (j + 1) * n) - held
+                if need > 0:
+                    held += need + kv.preallocate_blocks
+            return held - held0
+
+        return steps, blocks
+
+    def advance_chunk(self, req, n: int, steps: int) -> None:
+        """The chunk's blocks for the steps after the first, allocated one step at a time as
+        step by step (with the preallocation); `steady_steps` made sure they were free."""
+        c0 = req.num_computed
+        for j in range(1, steps):
+            if not self.kv.allocate(req, c0 + (j + 1) * n):  # pragma: no cover - an invariant
+                raise KVCacheError(f"request {req.rid}: no KV for a prompt chunk of a planned run")
+        super().advance_chunk(req, n, steps)
