@@ -152,7 +152,8 @@ class VllmV0Scheduler(Scheduler):
         # (so does a prompt chunk on a partly filled block)
         chunk = len(batch.reqs) - batch.group
         if chunk == 1 and batch.group and self.cfg.enable_chunked_prefill:
-            return self._decode_run_steps(batch, kv_reserve=1, chunk_steps=self._chunk_steps(batch))
+            steps = self._chunk_steps(batch)
+            return self._decode_run_steps(batch, kv_reserve=1, chunk_steps=steps) if steps > 1 else 1
         return self._decode_run_steps(batch, kv_reserve=1)
 
     def _chunk_steps(self, batch: Batch) -> int:

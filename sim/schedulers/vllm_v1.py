@@ -94,7 +94,7 @@ class VllmV1Scheduler(Scheduler):
         # decodes only take blocks; V1 has no watermark or free-slot check
         if len(batch.reqs) == batch.group + 1 and batch.group:
             steps, blocks = self._chunk_steps(batch)
-            return self._decode_run_steps(batch, kv_reserve=0, chunk_steps=steps, chunk_blocks=blocks)
+            return self._decode_run_steps(batch, kv_reserve=0, chunk_steps=steps, chunk_blocks=blocks) if steps > 1 else 1
         return self._decode_run_steps(batch, kv_reserve=0)
 
     def _chunk_steps(self, batch: Batch):
