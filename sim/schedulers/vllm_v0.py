@@ -162,6 +162,6 @@ class VllmV0Scheduler(Scheduler):
         is not the prompt's last (that one emits a token and the request starts decoding).
         Its blocks were all allocated at admission, so only the decodes take memory."""
         req, n = batch.reqs[-1], batch.num_new[-1]
-        if batch.decode[-1] or self.kv.prefix is not None or n != self.cfg.max_num_batched_tokens - batch.group:
+        if batch.decode[-1] or n != self.cfg.max_num_batched_tokens - batch.group:
             return 0
         return (req.num_tokens - req.num_computed - 1) // n
