@@ -102,6 +102,7 @@ class Engine:
         self.on_done = on_done
         self.steps: list[StepRecord] | None = [] if record_steps else None
         self.num_steps = 0
+        self.num_plans = 0  # scheduler calls: fewer than steps where runs of steps are one event
         self.max_batch_tokens = 0
         self.max_batch_seqs = 0
         self._wakeup: simpy.Event | None = None
@@ -203,6 +204,7 @@ class Engine:
         env, sched = self.env, self.scheduler
         while True:
             batch = sched.schedule()
+            self.num_plans += 1
             rejected = bool(sched.rejected)
             for req in sched.rejected:
                 self.on_done(req)

@@ -35,6 +35,7 @@ class SimResult:
     num_recomputes: int = 0  # vllm-ascend recompute scheduler: requests D sent back through P
     instance_kv_blocks: list | None = None  # KV pool of each instance (blocks)
     instance_gpus: list | None = None  # devices of each instance (its tensor-parallel degree)
+    num_plans: int = 0  # scheduler calls (see Engine.num_plans)
 
 
 def make_kv_cache(e) -> KVCache:
@@ -130,4 +131,5 @@ def simulate(sc: Scenario, record_steps: bool = False, keep_token_times: bool | 
         num_recomputes=sum(g.scheduler.num_recomputes for g in engines),
         instance_kv_blocks=[g.scheduler.kv.num_blocks for g in engines],
         instance_gpus=[getattr(g.step_model, "tp", 1) for g in engines],
+        num_plans=sum(g.num_plans for g in engines),
     )

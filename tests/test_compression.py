@@ -66,21 +66,8 @@ def test_compression_equal_on_seed004_and_cuts_planned_steps():
 
 def plans_and_steps(sc) -> tuple[int, int]:
     """How many times the engine planned (compressed run) and how many steps it simulated."""
-    from sim.schedulers.base import Scheduler
-
-    calls = {"n": 0}
-    original = Scheduler.schedule
-
-    def counting(self):
-        calls["n"] += 1
-        return original(self)
-
-    Scheduler.schedule = counting  # counts plans without touching the scheduler's own _schedule
-    try:
-        res = simulate(sc)
-    finally:
-        Scheduler.schedule = original
-    return calls["n"], res.num_steps
+    res = simulate(sc)
+    return res.num_plans, res.num_steps
 
 
 _V1_LONG_PROMPTS = {  # vLLM 0.8's V1: chunks allocated one by one with 64 tokens preallocated, prefix caching
@@ -195,3 +182,43 @@ _PD_SHARED_PREFIX = {
 def test_found_cases_stay_equal():
     for data in (_LOCKSTEP, _PD_HOOK, _SGLANG_REJECT, _PD_SHARED_PREFIX):
         assert_same_run(scenario_from_dict(data))
+
+
+_POLICIES = '''
+from sim.schedulers import VllmV0Scheduler
+
+
+class OwnPlan(VllmV0Scheduler):
+    """Plans its own way (here the same way, which the engine cannot know)."""
+
+    def _schedule(self):
+        return super()._schedule()
+
+
+class SamePlan(VllmV0Scheduler):
+    """Keeps the engine's plan."""
+
+    name = "same-plan"
+'''
+
+
+def test_a_policy_with_its_own_plan_is_simulated_step_by_step(tmp_path):
+    """The compression rules were written for each engine's own `_schedule`: a policy that
+    overrides it is planned every step; one that keeps it is compressed like the engine."""
+    path = tmp_path / "policies.py"
+    path.write_text(_POLICIES)
+    data = {"engine": {"scheduler": "vllm-v0", "max_model_len": 4096, "num_gpu_blocks_override": 3000,
+                       "max_num_batched_tokens": 4096, "enable_chunked_prefill": False},
+            "step_time": {"step_overhead_s": 0.01, "per_prefill_token_s": 2e-4, "per_decode_seq_s": 1e-4},
+            "workload": {"dataset_name": "random", "num_prompts": 20, "random_input_len": 500,
+                         "random_output_len": 400, "random_range_ratio": 0.5, "request_rate": "inf"}}
+    plans, steps = plans_and_steps(scenario_from_dict(data))
+    assert plans < steps / 5
+    for policy, compressed in (("OwnPlan", False), ("SamePlan", True)):
+        data["engine"]["policy"] = f"{path}:{policy}"
+        sc = scenario_from_dict(data)
+        p, s = plans_and_steps(sc)
+        assert s == steps  # the same steps either way
+        every_step = simulate(sc, compress=False).num_plans  # a plan per step (and per idle wake)
+        assert (p < steps / 5) if compressed else (p == every_step), policy
+        assert_same_run(sc)
