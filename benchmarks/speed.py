@@ -4,6 +4,8 @@
     python benchmarks/speed.py --only vidur    # cases whose name contains "vidur" (updates their rows)
     python benchmarks/speed.py --no-compress   # plan every step (the reference path), for ratios
 
+With the optional compiled build (setup.py) the results go to speed-compiled.json.
+
 Cases:
   vidur-sharegpt     Vidur's published benchmark workload: 10,000 ShareGPT requests (Vidur's Llama-2
                      length trace, clipped at 4096 tokens), Poisson 2 QPS, vLLM V0 scheduler, one
@@ -89,7 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="run the cases whose name contains this")
     ap.add_argument("--no-compress", action="store_true", help="plan every step (reference path)")
-    ap.add_argument("--out", default=None, help="JSON output (default benchmarks/results/speed[-nocompress].json)")
+    ap.add_argument("--out", default=None, help="JSON output (default benchmarks/results/speed[-nocompress][-compiled].json)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -117,7 +119,10 @@ def main() -> None:
     seed004 = [r["best_wall_s"] for r in rows if r["case"].startswith("seed004/")]
     if seed004:
         print(f"seed004: slowest scenario {max(seed004):.3f} s")
-    default = "speed-nocompress.json" if args.no_compress else "speed.json"
+    import sim.engine
+
+    compiled = not sim.engine.__file__.endswith(".py")  # the optional compiled build (setup.py)
+    default = f"speed{'-nocompress' if args.no_compress else ''}{'-compiled' if compiled else ''}.json"
     out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / default
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if args.only and out_path.exists():  # a partial run updates its cases, keeps the others
@@ -125,7 +130,7 @@ def main() -> None:
         rows = [r for r in json.loads(out_path.read_text())["rows"] if r["case"] not in new] + rows
         rows.sort(key=lambda r: list(CASES).index(r["case"]) if r["case"] in CASES else len(CASES))
     out_path.write_text(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
-                                    "cpus": os.cpu_count(), "vidur_best_wall_s": VIDUR_BEST_WALL_S,
+                                    "cpus": os.cpu_count(), "compiled": compiled, "vidur_best_wall_s": VIDUR_BEST_WALL_S,
                                     "rows": rows}, indent=2))
     print(f"wrote {out_path}")
 

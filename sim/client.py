@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import simpy
 
@@ -39,7 +40,7 @@ class BenchmarkClient:
         self._left = len(requests)
         self.in_flight = 0
         self.max_in_flight = 0
-        self.submit: Callable[[Request], None] | None = None
+        self.submit: Any = None
         # Permits are fungible and granted first-come-first-served, so the k-th grant after the
         # first max_concurrency uses the (k - max_concurrency)-th release. Recording which
         # request that was lets calibration replay the run with other step times.
@@ -68,7 +69,7 @@ class BenchmarkClient:
         """The next turn: the conversation so far (prompt and reply) plus a new message."""
         yield self.env.timeout(self.think_time_s)
         req.prompt_len = prev.prompt_len + prev.output_len + req.new_message_len
-        req.segments = (*prev.segments, (prev.out_segment, prev.output_len), (2 * req.rid + 1, req.new_message_len))
+        req.segments = (*(prev.segments or ()), (prev.out_segment, prev.output_len), (2 * req.rid + 1, req.new_message_len))
         req.arrival_s = self.env.now
         if self.permits is not None:
             yield self.permits.get(1)

@@ -35,6 +35,10 @@ class DecodeGroup:
         self.per_take = 1 + preallocate_blocks  # blocks a member takes when its blocks are full
         self.period = self.per_take * block_size  # tokens between two takes of one member
         self.cache = cache  # prefix cache: members' finished chunks are registered on write-back
+        self._empty()
+
+    def _empty(self) -> None:
+        """No members, no steps run (a new group, or one just dissolved)."""
         self.reqs: list[Request] = []
         self.adv = 0  # steps the group has run
         self.taken_to = 0  # the KV of the steps before this one is taken
@@ -181,4 +185,4 @@ class DecodeGroup:
         """Every member written back; the group is empty."""
         for req in self.reqs:
             self.write_back(req)
-        self.__init__(self.clock, self.block_size, self.per_take - 1, self.cache)
+        self._empty()

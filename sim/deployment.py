@@ -65,5 +65,5 @@ class Deployment:
         self.on_done(req)
 
     @property
-    def processes(self):
+    def processes(self) -> list:
         return [eng.process for eng in self.engines]

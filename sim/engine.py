@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import random
 from bisect import bisect_left
 from heapq import heappush
 
 import simpy
+from mypy_extensions import mypyc_attr
 from simpy.events import NORMAL
 
 from .request import Request, Status
@@ -57,6 +59,7 @@ def front_door_error(req: Request, max_model_len: int, engine: str = "vllm") -> 
     return ""
 
 
+@mypyc_attr(native_class=False)
 class SimulationStuck(RuntimeError):
     """The scheduler has work but can schedule nothing and nothing will free memory."""
 
@@ -125,7 +128,7 @@ class Engine:
         self.pclock = self.dclock if record_steps else StepClock()
         # event compression (see _decode_run); recording keeps every step's plan, so it plans each
         self.compress = compress and not record_steps
-        self._run_ends = None  # step end times of the decode run in progress
+        self._run_ends: Any = None  # step end times of the decode run in progress
         self._run_cut = 0  # the steps it was cut to (_cut_run), 0 if not cut
         scheduler.compress = self.compress
         scheduler.decode_clock = self.dclock

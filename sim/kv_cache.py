@@ -9,7 +9,9 @@ bug shows up as an exception at the step that caused it rather than as a wrong n
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
+from mypy_extensions import mypyc_attr
 
 from .prefix_cache import PrefixCache
 from .request import Request
@@ -23,6 +25,7 @@ class AllocStatus(str, Enum):
     NEVER = "never"
 
 
+@mypyc_attr(native_class=False)
 class KVCacheError(RuntimeError):
     pass
 
@@ -42,7 +45,7 @@ class KVCache:
         # it takes this many tokens' worth more, if free, to allocate less often
         self.preallocate_blocks = -(-preallocate_tokens // block_size)
         # prefix caching (0: off): cached chunks of this many blocks stay in the free pool until evicted
-        self.prefix = PrefixCache(prefix_chunk_blocks, block_size) if prefix_chunk_blocks else None
+        self.prefix: Any = PrefixCache(prefix_chunk_blocks, block_size) if prefix_chunk_blocks else None
         if self.prefix:
             self.prefix.give(num_blocks)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from .request import Request
 
@@ -63,9 +64,9 @@ class PrefixCache:
     def __init__(self, chunk_blocks: int, block_size: int):
         self.chunk_blocks = chunk_blocks
         self.chunk_tokens = chunk_blocks * block_size
-        self.entries: dict[tuple, _Entry] = {}
+        self.entries: dict[Any, _Entry] = {}
         # free blocks in eviction order: cached chunk keys (chunk_blocks each) and anonymous runs
-        self.free_queue: OrderedDict[object, int] = OrderedDict()
+        self.free_queue: Any = OrderedDict()
         self._anon = itertools.count()
         self.hit_tokens = 0
 
@@ -81,7 +82,7 @@ class PrefixCache:
         return (req.out_segment, end)  # generated tokens are one more segment
 
     # --- lookup and reference ----------------------------------------------------------
-    def lookup(self, req: Request) -> list[tuple]:
+    def lookup(self, req: Request) -> list[Any]:
         """Longest run of cached chunks from the start of `req`. The last token is never
         taken from the cache: the model must compute at least one position to sample."""
         if not named(req) or req.num_blocks:
@@ -94,7 +95,7 @@ class PrefixCache:
             if n <= (req.num_tokens - 1) // self.chunk_tokens:
                 return [_RUN] * n
             self._by_chunk(req)  # the last chunk is not taken: it stays cached apart
-        keys = []
+        keys: list[Any] = []
         for i in range((req.num_tokens - 1) // self.chunk_tokens):
             key = self.chunk_key(req, i)
             if key not in self.entries:
@@ -102,13 +103,13 @@ class PrefixCache:
             keys.append(key)
         return keys
 
-    def blocks_to_pin(self, keys: list[tuple]) -> int:
+    def blocks_to_pin(self, keys: list[Any]) -> int:
         """Free blocks that referencing `keys` takes out of the free queue."""
         if keys and keys[0] is _RUN:
             return len(keys) * self.chunk_blocks  # all of them: only their request uses them
         return sum(self.chunk_blocks for k in keys if self.entries[k].ref == 0)
 
-    def pin(self, req: Request, keys: list[tuple]) -> int:
+    def pin(self, req: Request, keys: list[Any]) -> int:
         n = len(keys)
         if keys and keys[0] is _RUN:
             del self.free_queue[("run", req.rid)]  # the whole run: a lookup never leaves its top
@@ -206,7 +207,7 @@ class PrefixCache:
             if e.ref == 0:
                 released.append(key)
         self.give(req.num_blocks - held)
-        for key in reversed(released):
+        for key in released[::-1]:
             self.free_queue[key] = self.chunk_blocks
         req.kv_keys = []
         return req.num_blocks - held + len(released) * self.chunk_blocks
@@ -224,7 +225,7 @@ class PrefixCache:
         if blocks is None:
             return
         chunks = [self.chunk_key(req, i) for i in reversed(range(blocks // self.chunk_blocks))]
-        queue = OrderedDict()
+        queue: Any = OrderedDict()
         for key, b in self.free_queue.items():
             if key == run:
                 for c in chunks:

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 from itertools import groupby
+from typing import Any
 
 from . import tokens
 
@@ -45,7 +46,7 @@ class Request:
     # streamed tokens (see sim.tokens): first and last token times, and runs of engine steps
     first_token_s: float = math.nan
     last_token_s: float = math.nan
-    pieces: list | None = None  # [clock, first step, end step, tokens per step]; None once folded
+    pieces: Any = None  # [clock, first step, end step, tokens per step]; None once folded
     error: str = ""
     # prefix caching: the prompt's content as (segment id, length) runs and the id of the generated
     # tokens; segments None with out_segment >= 0: one segment of its own, id out_segment - 1,

@@ -28,6 +28,9 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from mypy_extensions import mypyc_attr
 
 from ..decode_group import DecodeGroup
 from ..kv_cache import KVCache, KVCacheError
@@ -64,10 +67,11 @@ class Batch:
         return sum(self.num_new)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Scheduler:
     """Holds the waiting and running queues; subclasses decide each step's batch."""
 
-    name = "base"
+    name: ClassVar[str] = "base"
 
     def __init__(self, cfg, kv: KVCache):
         self.cfg = cfg
@@ -80,13 +84,17 @@ class Scheduler:
         self.steps_done = 0  # kept up to date by the engine
         # vllm-ascend's RecomputeScheduler on a KV consumer: a victim is handed back to the
         # deployment (to be prefilled again on P) instead of being preempted here
-        self.on_recompute = None
+        self.on_recompute: Any = None
         self.num_recomputes = 0
         # event compression (set by the engine): plan steady decodes as one DecodeGroup
         self.compress = False
-        self.decode_clock = None  # the engine's decode clock, which the group's tokens land on
-        self.group: DecodeGroup | None = None
-        self._run_state = None  # the decode group's planned batch and its run (see _decode_all)
+        self.decode_clock: Any = None  # the engine's decode clock, which the group's tokens land on
+        self.group: Any = None
+        self._run_state: Any = None  # the decode group's planned batch and its run (see _decode_all)
+        # does this class plan with the `_schedule` the compression rules were written for? (the
+        # class that defines `_schedule` says so; asked per plan, so answered once here)
+        owner = next(c for c in type(self).__mro__ if "_schedule" in vars(c))
+        self._as_written: bool = vars(owner).get("compress_rules", False) is True
 
     # --- queue plumbing ----------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -199,13 +207,12 @@ class Scheduler:
         `_decode_run_steps` when they can show their admission rules stay shut."""
         return 1
 
-    # the engine's own `_schedule`, for which the compression rules below were written (set by
-    # each engine's scheduler); a policy that overrides `_schedule` plans every step
-    _compress_plan = None
+    # True in each engine's scheduler class, beside the `_schedule` for which the compression
+    # rules below were written; a policy that overrides `_schedule` plans every step
+    compress_rules: ClassVar[bool] = False
 
     def _plans_as_written(self) -> bool:
-        cls = type(self)
-        return cls._schedule is cls._compress_plan
+        return self._as_written
 
     def arrival_may_change_plan(self) -> bool:
         """Asked during a run of steady decode steps, after a request joined `waiting`: could the

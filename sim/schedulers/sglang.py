@@ -57,9 +57,10 @@ class SglangScheduler(Scheduler):
             return batch
         return self._decode_batch()
 
+    compress_rules = True  # see Scheduler.compress_rules
+
     # --- prefill: the PrefillAdder -------------------------------------------------------------
 
-    _compress_plan = _schedule
     def _reserved_for_running(self) -> float:
         return sum(
             min(r.max_tokens - r.output_len, CLIP_MAX_NEW_TOKENS) * self.new_token_ratio

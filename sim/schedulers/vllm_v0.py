@@ -13,14 +13,18 @@ Preemption is by recompute (swap is only used for n > 1 or beam search, not mode
 from __future__ import annotations
 
 from collections import deque
+from typing import ClassVar
+
+from mypy_extensions import mypyc_attr
 
 from ..kv_cache import AllocStatus
 from ..request import Request, Status
 from .base import Batch, Scheduler
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class VllmV0Scheduler(Scheduler):
-    name = "vllm-v0"
+    name: ClassVar[str] = "vllm-v0"
 
     def _prompt_limit(self) -> int:
         if self.cfg.enable_chunked_prefill:
@@ -32,9 +36,10 @@ class VllmV0Scheduler(Scheduler):
             return self._schedule_chunked_prefill()
         return self._schedule_default()
 
+    compress_rules: ClassVar[bool] = True  # see Scheduler.compress_rules
+
     # --- admission of waiting requests (both modes) ------------------------------
 
-    _compress_plan = _schedule
     def _schedule_prefills(self, batch: Batch, token_budget: int, num_seqs: int, chunking: bool) -> int:
         """Walk `waiting` from the head; return the token budget left.
 

@@ -8,14 +8,19 @@ whole prompt.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+from mypy_extensions import mypyc_attr
+
 from ..kv_cache import KVCacheError
 from ..prefix_cache import private
 from ..request import Status
 from .base import Batch, Scheduler
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class VllmV1Scheduler(Scheduler):
-    name = "vllm-v1"
+    name: ClassVar[str] = "vllm-v1"
 
     def _num_new_tokens(self, req, token_budget: int, computed: int | None = None, drafts: bool = True) -> int:
         computed = req.num_computed if computed is None else computed
@@ -85,8 +90,8 @@ class VllmV1Scheduler(Scheduler):
                 token_budget -= n
         return batch
 
+    compress_rules: ClassVar[bool] = True  # see Scheduler.compress_rules
 
-    _compress_plan = _schedule
     def steady_steps(self, batch: Batch) -> int:
         if not self._plans_as_written():
             return 1  # a policy that plans differently plans every step
