@@ -38,7 +38,8 @@ class DecodeGroup:
         self._empty()
 
     def _empty(self) -> None:
-        """No members, no steps run (a new group, or one just dissolved)."""
+        """No members, no steps run (a new group, or one just dissolved; calling `__init__` again
+        instead would leak the old state in the compiled build)."""
         self.reqs: list[Request] = []
         self.adv = 0  # steps the group has run
         self.taken_to = 0  # the KV of the steps before this one is taken

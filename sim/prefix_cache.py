@@ -207,7 +207,7 @@ class PrefixCache:
             if e.ref == 0:
                 released.append(key)
         self.give(req.num_blocks - held)
-        for key in released[::-1]:
+        for key in released[::-1]:  # (not reversed(): mypyc 2.4 fails to compile it here)
             self.free_queue[key] = self.chunk_blocks
         req.kv_keys = []
         return req.num_blocks - held + len(released) * self.chunk_blocks
