@@ -258,13 +258,7 @@ class Engine:
             t0 = env.now
             yield env.timeout(dt)
             now = env.now
-            self.num_steps += 1
-            sched.steps_done = self.num_steps
-            ntok = shape.prefill_tokens + shape.decode_seqs
-            if ntok > self.max_batch_tokens:
-                self.max_batch_tokens = ntok
-            if shape.num_seqs > self.max_batch_seqs:
-                self.max_batch_seqs = shape.num_seqs
+            self._ran(shape, 1)
             if self.steps is not None:
                 self.steps.append(StepRecord(
                     t0, dt, shape, self._after_idle, len(batch.preempted) + len(batch.aborted),
@@ -349,14 +343,7 @@ class Engine:
             done = self._run_cut or steps
         self._run_ends = None
 
-        shape = batch.shape
-        self.num_steps += done
-        sched.steps_done = self.num_steps
-        ntok = shape.prefill_tokens + shape.decode_seqs
-        if ntok > self.max_batch_tokens:
-            self.max_batch_tokens = ntok
-        if shape.num_seqs > self.max_batch_seqs:
-            self.max_batch_seqs = shape.num_seqs
+        self._ran(batch.shape, done)
         self._after_idle = False
         fewest = sched.advance_decode_run(batch, done)  # the KV the later steps allocated
         if chunked is not None:
@@ -369,6 +356,16 @@ class Engine:
                 self.on_done(req)
         for hook in self.after_step:  # once for the run: its steps only took memory (PD admission)
             hook()
+
+    def _ran(self, shape: BatchShape, steps: int) -> None:
+        """`steps` steps of a batch of this shape ran: the step count and the largest batch."""
+        self.num_steps += steps
+        self.scheduler.steps_done = self.num_steps
+        ntok = shape.prefill_tokens + shape.decode_seqs
+        if ntok > self.max_batch_tokens:
+            self.max_batch_tokens = ntok
+        if shape.num_seqs > self.max_batch_seqs:
+            self.max_batch_seqs = shape.num_seqs
 
     def _marked_run(self, ends):
         """The run with marker events at step ends, each queued when the step-by-step engine
