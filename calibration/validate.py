@@ -49,15 +49,20 @@ def _kv_line(f: StepTimeFit) -> str:
     return f"{f.kv_cache_tokens_} tokens (fitted)"
 
 
+def fitter_for(split: Split, processes: int | None = None, progress: bool = False) -> StepTimeFit:
+    """The fit a split asks for (model, hardware candidates, metrics, seeds, KV bounds), unfitted."""
+    return StepTimeFit(model=split.model, hardware=split.hardware, tp=split.tp, metrics=split.metrics,
+                       seeds=split.seeds, kv_bounds=split.kv_bounds, kv_prior=split.kv_prior_tokens(),
+                       by_simulation=split.fit_by_simulation, processes=processes, progress=progress)
+
+
 def validate(split_name: str, processes: int | None = None, progress: bool = True,
              write_profile: bool = True, out_dir: Path | None = None) -> ValidationResult:
     t0 = time.perf_counter()
     split = load_split(split_name)
     all_cases, _ = cases(split)
     train = [c for c in all_cases if c.row_id in split.train]
-    fitter = StepTimeFit(model=split.model, hardware=split.hardware, tp=split.tp, metrics=split.metrics,
-                         seeds=split.seeds, kv_bounds=split.kv_bounds,
-                         kv_prior=split.kv_prior_tokens(), by_simulation=split.fit_by_simulation, processes=processes, progress=progress)
+    fitter = fitter_for(split, processes, progress)
     fitter.fit(train)
     pred = fitter.predict(all_cases)
     pred["train"] = pred["row_id"].isin(split.train)

@@ -169,6 +169,33 @@ def test_fit_recovers_known_parameters_from_simulated_tables_with_noise():
     assert pred["ape_pct"].median() < 8
 
 
+def test_coefficients_are_compared_only_where_the_rows_pin_them():
+    """A coefficient set that moves a pinned direction is far; one that moves only what the rows
+    cannot see (a kernel-launch time below every step's GPU time, ~30 ms here) is not."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(7)
+    cases = _synthetic_cases(noise=0.0, rng=rng)
+    f = StepTimeFit(model="qwen2.5-72b-instruct-gptq-int4", hardware="a100-80g", processes=1, n_starts=3)
+    f.fit(cases[:4])
+    pinned = f.pinned_directions()
+    assert 1 <= len(pinned) < len(f._names())  # something is pinned, not everything
+    assert max(p["rms_change"] for p in f.compare_coefficients(f.coeffs_)) == 0.0
+    moved = replace(f.coeffs_, compute_efficiency=f.coeffs_.compute_efficiency * 1.3)
+    assert max(p["rms_change"] for p in f.compare_coefficients(moved)) > 0.02
+    hidden = replace(f.coeffs_, launch_overhead_s=0.02)
+    assert max(p["rms_change"] for p in f.compare_coefficients(hidden)) < 1e-9
+
+
+def test_multistart_fit_is_deterministic():
+    rng = np.random.default_rng(3)
+    cases = _synthetic_cases(noise=0.01, rng=rng)[:3]
+    a = StepTimeFit(model="qwen2.5-72b-instruct-gptq-int4", hardware="a100-80g", processes=1, n_starts=5).fit(cases)
+    b = StepTimeFit(model="qwen2.5-72b-instruct-gptq-int4", hardware="a100-80g", processes=1, n_starts=5).fit(cases)
+    assert a.coeffs_ == b.coeffs_ and a.loss_ == b.loss_
+    assert len(a._starts()) == 5 and len({tuple(x) for x in a._starts()}) == 5
+
+
 def test_fit_picks_the_hardware_that_generated_the_data():
     rng = np.random.default_rng(3)
     cases = _synthetic_cases(noise=0.0, rng=rng)

@@ -1,15 +1,23 @@
 """The committed calibrations are reproducible and meet their out-of-sample targets.
 
-These run the same fits as `servesim validate` (about 35 s and 100 s on two cores), without
-rewriting the committed profiles, and check both.
+These run the same fits as `servesim validate`, without rewriting the committed profiles, and
+check both. "Reproducible" is judged on what a user sees, on any machine: the refit predicts
+every row of the split as the committed report does (to half a percentage point of error), has
+its training loss, and lies where the committed coefficients lie in every direction the training
+rows pin down. Directions the rows leave flat are not compared: there, the last bits of a
+measured number or of a BLAS sum may move the optimum without changing any prediction.
 """
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
-from calibration.validate import validate
+from calibration.validate import RESULTS, validate
 from sim.profile import load_profile
+
+APE_PP = 0.5  # percentage points of error a refit may differ from the committed report by
+PINNED_RMS = 0.005  # change of the training residuals' RMS a pinned-direction gap may make
 
 
 def _check_reproduces_profile(res):
@@ -18,8 +26,16 @@ def _check_reproduces_profile(res):
     committed = load_profile(res.split.profile)
     assert committed.hardware == res.fitter.hardware_
     assert committed.kv_cache_tokens == res.fitter.kv_cache_tokens_
-    for k, v in res.fitter.coeffs_.as_dict().items():
-        assert getattr(committed.coeffs, k) == pytest.approx(v, rel=1e-3, abs=1e-9), k
+    report = pd.read_csv(RESULTS / res.split.name / "predictions.csv")
+    both = res.predictions.merge(report, on=["row_id", "metric"], suffixes=("", "_committed"), validate="1:1")
+    assert len(both) == len(report) == len(res.predictions)
+    gap = (both.ape_pct - both.ape_pct_committed).abs()
+    worst = both.loc[gap.idxmax()]
+    assert gap.max() <= APE_PP, f"{worst.row_id} {worst.metric}: {worst.ape_pct:.2f} % vs {worst.ape_pct_committed:.2f} %"
+    assert res.fitter.loss_ == pytest.approx(committed.fit["loss_mean_sq_log_ratio"], rel=0.01, abs=1e-6)
+    pinned = res.fitter.compare_coefficients(committed.coeffs)
+    assert pinned, "the training rows pin no direction: nothing was fitted"
+    assert max(p["rms_change"] for p in pinned) <= PINNED_RMS, pinned
 
 
 def test_seed004_meets_every_target_and_reproduces_its_profile(tmp_path):
@@ -29,28 +45,47 @@ def test_seed004_meets_every_target_and_reproduces_its_profile(tmp_path):
     assert (tmp_path / "report.md").exists() and (tmp_path / "mean_ttft_ms.png").exists()
 
 
-def test_seed002_vllm_meets_tpot_and_throughput_and_reproduces_its_profile(tmp_path):
-    """TTFT misses its 25 % target by about a point: the fitted rows themselves are only
-    reproduced to ~25 % (the table's low-concurrency TTFTs are not monotonic in prompt length).
-    The TTFT check below is a regression guard on today's 26 %, not the target."""
+def test_seed002_vllm_meets_every_target_and_reproduces_its_profile(tmp_path):
+    """TTFT meets its 25 % target by half a point (24.5 %): the fitted rows themselves are only
+    reproduced to ~25 % (the table's low-concurrency TTFTs are not monotonic in prompt length)."""
     res = validate("seed002-vllm", progress=False, write_profile=False, out_dir=tmp_path)
     _check_reproduces_profile(res)
-    s = res.summary.set_index("metric")
-    assert s.loc["mean_tpot_ms", "ok"] and s.loc["output_throughput", "ok"]
-    assert s.loc["mean_ttft_ms", "median_ape_pct"] < 28
-    assert [f for f in res.failures if "mean_ttft_ms" not in f] == []
+    assert res.ok, res.failures
 
 
-def test_seed002_sglang_takes_its_kv_pool_from_sglangs_memory_formula(tmp_path):
+@pytest.fixture(scope="module")
+def sglang(tmp_path_factory):
+    return validate("seed002-sglang", progress=False, write_profile=False, out_dir=tmp_path_factory.mktemp("sglang"))
+
+
+def test_seed002_sglang_takes_its_kv_pool_from_sglangs_memory_formula(sglang):
     """The pool SGLang's formula gives (100,192 tokens) is among those the training rows cannot
-    separate, so it is kept. TPOT then misses its 10 % target (15 %): decode cost per extra
-    sequence, learned on c <= 64, is extrapolated linearly to c = 1024 (see the README)."""
-    res = validate("seed002-sglang", progress=False, write_profile=False, out_dir=tmp_path)
-    _check_reproduces_profile(res)
-    assert res.fitter.kv_cache_tokens_ == res.split.kv_prior_tokens()
-    s = res.summary.set_index("metric")
-    assert s.loc["mean_ttft_ms", "ok"] and s.loc["output_throughput", "ok"]
-    assert s.loc["mean_tpot_ms", "median_ape_pct"] < 17
+    separate, so it is kept."""
+    _check_reproduces_profile(sglang)
+    assert sglang.fitter.kv_cache_tokens_ == sglang.split.kv_prior_tokens()
+    assert sglang.ok, sglang.failures
+
+
+def test_a_refit_does_not_depend_on_the_last_bits_of_its_data(sglang):
+    """This split's loss has basins whose TPOT predictions at c >= 256 differ by 2x. With four
+    random starts, a refit on another machine (other library versions, the same code) landed in
+    another basin and moved predictions by up to 45 points of error. Measured numbers changed in
+    their ninth digit must give the same predictions."""
+    import numpy as np
+
+    from calibration.splits import cases
+    from calibration.validate import fitter_for
+
+    all_cases, _ = cases(sglang.split)
+    rng = np.random.default_rng(1)
+    train = [c for c in all_cases if c.row_id in sglang.split.train]
+    for c in train:
+        c.measured = {m: v * (1 + 1e-9 * rng.standard_normal()) for m, v in c.measured.items()}
+    fitter = fitter_for(sglang.split).fit(train)
+    pred = fitter.predict(all_cases)
+    both = pred.merge(sglang.predictions, on=["row_id", "metric"], suffixes=("", "_unperturbed"))
+    assert len(both) == len(pred)
+    assert (both.ape_pct - both.ape_pct_unperturbed).abs().max() <= APE_PP
 
 
 def test_seed001_predicts_long_prompt_ttft_from_one_chunk(tmp_path):
