@@ -55,6 +55,10 @@ class EngineConfig(_Strict):
 
     max_model_len: int | None = Field(None, gt=0)
     block_size: int | None = Field(None, gt=0, description="vLLM --block-size / SGLang --page-size")
+    # CUDA graphs (on by default in both): without them every step's kernels are launched one by
+    # one, which a fit models as a per-step launch floor (launch_overhead_s); with them it is not fitted
+    enforce_eager: bool = Field(False, description="vLLM --enforce-eager: no CUDA graphs")
+    disable_cuda_graph: bool = Field(False, description="SGLang --disable-cuda-graph")
     kv_cache_tokens: int | None = Field(None, gt=0)
     # vLLM
     max_num_batched_tokens: int | None = Field(None, gt=0)
@@ -120,6 +124,10 @@ class EngineConfig(_Strict):
                 "for the KV cache capacity" + (" (SGLang: max_total_tokens)" if sglang else "")
             )
         return self
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return not (self.enforce_eager or self.disable_cuda_graph)
 
     @property
     def num_gpu_blocks(self) -> int:
@@ -244,6 +252,17 @@ def _verify_engine(e: EngineConfig) -> None:
         )
 
 
+class StageConfig(_Strict):
+    """One load stage of inference-perf's `load.stages`: int(rate x duration) requests."""
+
+    rate: float = Field(gt=0, description="requests per second")
+    duration: float = Field(gt=0, description="seconds")
+
+    @property
+    def num_requests(self) -> int:
+        return int(self.rate * self.duration)
+
+
 class WorkloadConfig(_Strict):
     client: Literal["vllm", "vllm-legacy", "sglang"] = Field(
         "vllm", description="vllm: `vllm bench serve` (>= 0.8); vllm-legacy: old benchmark_serving.py; "
@@ -278,9 +297,19 @@ class WorkloadConfig(_Strict):
     # lengths: a CSV of num_prefill_tokens, num_decode_tokens (Vidur's length traces), in dataset_path
     lengths_max_tokens: int | None = Field(None, ge=2, description="Vidur's trace max_tokens: a longer request "
                                            "loses the excess from prompt and output in proportion")
-    # trace
+    # trace: a recorded run's requests (sim.traces reads the clients' per-request files)
     trace_path: str | None = None
     trace_time_scale: float = Field(1.0, gt=0)
+    trace_stage: int | None = Field(None, ge=0, description="replay only this load stage of the recorded run, "
+                                    "its first request at time 0")
+    # inference-perf's load stages, run one after another (each waits for the one before to end)
+    stages: list[StageConfig] | None = Field(None, min_length=1, description="inference-perf load.stages")
+    stage_arrivals: Literal["constant", "poisson"] = Field(
+        "constant", description="inference-perf load.type: constant (rescaled exponential gaps) or poisson")
+    stage_interval_s: float = Field(1.0, ge=0, description="inference-perf load.interval: the pause after a stage")
+    # a client-side deadline: a request not finished this long after it was sent fails, and the
+    # server aborts it (inference-perf load.request_timeout)
+    request_timeout_s: float | None = Field(None, gt=0)
 
     @field_validator("request_rate", "burstiness", mode="before")
     @classmethod
@@ -308,6 +337,23 @@ class WorkloadConfig(_Strict):
                 raise ValueError("output_len_mean applies to the random dataset")
         if self.turns > 1 and self.dataset_name != "random":
             raise ValueError("turns: multi-turn conversations are built from the random dataset")
+        if self.trace_stage is not None and self.dataset_name != "trace":
+            raise ValueError("trace_stage selects a stage of a recorded run: it needs dataset_name 'trace'")
+        if self.stages is not None:
+            if self.dataset_name == "trace":
+                raise ValueError("stages: a trace brings its own arrival times; stages need a dataset "
+                                 "(random, sharegpt, lengths)")
+            if not math.isinf(self.request_rate):
+                raise ValueError("stages give every stage its own rate: leave request_rate unset")
+            if self.max_concurrency is not None or self.turns > 1:
+                raise ValueError("stages: max_concurrency and turns are not modelled together with stages")
+            sizes = [st.num_requests for st in self.stages]
+            if min(sizes) < 1:
+                raise ValueError(f"stages: stage {sizes.index(min(sizes))} has rate x duration < 1: no request")
+            if self.num_prompts is not None and self.num_prompts != sum(sizes):
+                raise ValueError(f"num_prompts ({self.num_prompts}) contradicts the stages, which send "
+                                 f"{sum(sizes)} requests (int(rate x duration) each); leave it unset")
+            self.num_prompts = sum(sizes)
         if self.num_prompts is None and self.dataset_name != "trace":
             self.num_prompts = 1000
         return self
@@ -472,6 +518,13 @@ class Scenario(_Strict):
     workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
     step_time: StepTimeConfig = Field(default_factory=StepTimeConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.workload.request_timeout_s is not None and self.deployment.mode == "pd":
+            raise ValueError("workload.request_timeout_s: aborting a request that may sit on a prefill node, in "
+                             "a KV transfer or on a decode node is not modelled; use it with colocated engines")
+        return self
 
 
 # --- loading ----------------------------------------------------------------------------

@@ -60,6 +60,9 @@ class Deployment:
         self.router.outstanding[i] += 1
         self.engines[i].submit(req)
 
+    def abort(self, req: Request) -> None:
+        self.engines[req.instance].abort(req)
+
     def _done(self, req: Request) -> None:
         self.router.outstanding[req.instance] -= 1
         self.on_done(req)

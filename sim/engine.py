@@ -100,6 +100,7 @@ class Engine:
     ):
         self.env = env
         self.scheduler = scheduler
+        self._aborts: list[Request] = []  # requests the client gave up on, aborted before the next plan
         self.step_model = step_model
         self.max_model_len = max_model_len
         self.on_done = on_done
@@ -146,8 +147,20 @@ class Engine:
         else:
             self._arrive(req)
 
+    def abort(self, req: Request) -> None:
+        """The client closed the connection: the request is aborted before the next plan (a step
+        under way finishes first; a request still on its way to the scheduler is dropped there)."""
+        if req.done or req.status is Status.PENDING:
+            return
+        self._aborts.append(req)
+        self.wake()
+
     def _arrive(self, req: Request) -> None:
         """The OpenAI front end answers HTTP 400 at once, or hands the request to the scheduler."""
+        if req.aborted:  # the client gave up while it was on its way
+            req.status = Status.FAILED
+            self.on_done(req)
+            return
         error = front_door_error(req, self.max_model_len, self._server)
         if error:
             req.status = Status.FAILED
@@ -206,10 +219,19 @@ class Engine:
     def _run(self):
         env, sched = self.env, self.scheduler
         while True:
+            if self._aborts:
+                for req in self._aborts:
+                    if not req.done:
+                        sched.abort(req)
+                        self.on_done(req)
+                self._aborts.clear()
             batch = sched.schedule()
             self.num_plans += 1
             rejected = bool(sched.rejected)
             for req in sched.rejected:
+                # the client hears of it now, after this many steps (a rejection on arrival
+                # during a step is heard when the step ends)
+                req.end_step = self.num_steps
                 self.on_done(req)
             sched.rejected.clear()
             if not batch.reqs:
@@ -360,7 +382,6 @@ class Engine:
     def _ran(self, shape: BatchShape, steps: int) -> None:
         """`steps` steps of a batch of this shape ran: the step count and the largest batch."""
         self.num_steps += steps
-        self.scheduler.steps_done = self.num_steps
         ntok = shape.prefill_tokens + shape.decode_seqs
         if ntok > self.max_batch_tokens:
             self.max_batch_tokens = ntok

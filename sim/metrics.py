@@ -47,7 +47,47 @@ def request_table(requests: list[Request]) -> pd.DataFrame:
         "prompt_len": col(lambda r: r.prompt_len, np.int64), "max_tokens": col(lambda r: r.max_tokens, np.int64),
         "output_len": np.where(ok, output, 0), "success": ok, "ttft_s": ttft, "tpot_s": tpot, "e2el_s": e2el,
         "num_preemptions": col(lambda r: r.num_preemptions, np.int64), "error": [r.error for r in requests],
+        "stage": col(lambda r: r.stage, np.int64),
     })
+
+
+def traffic_lines(requests: pd.DataFrame, w) -> list[str]:
+    """What the run sent, for the report header. A Poisson/Gamma run says its rate and
+    burstiness as vLLM's client does; a replayed trace or a staged run says what was replayed:
+    requests, time span and mean rate, per stage."""
+    if w.dataset_name != "trace" and w.stages is None:
+        kind = "Poisson process" if w.burstiness == 1.0 else "Gamma distribution"
+        return [f"Traffic request rate: {'inf' if np.isinf(w.request_rate) else w.request_rate}",
+                f"Burstiness factor: {w.burstiness} ({kind})",
+                f"Maximum request concurrency: {w.max_concurrency}"]
+    if w.stages is not None:
+        head = f"Traffic: {len(w.stages)} load stages, {w.stage_arrivals} arrivals (inference-perf), " \
+               f"{w.stage_interval_s:g} s pause after each"
+    else:
+        head = f"Traffic: trace {w.trace_path}" + (f", stage {w.trace_stage}" if w.trace_stage is not None else "") \
+               + (f", time scale {w.trace_time_scale:g}" if w.trace_time_scale != 1 else "")
+    out = [head]
+    for k, g in requests.groupby("stage"):
+        t = g["arrival_s"].to_numpy()
+        span = float(t.max() - t.min())
+        rate = f"{(len(t) - 1) / span:.3f} req/s" if span > 0 else "all at once"
+        want = f", configured {w.stages[k].rate:g} req/s for {w.stages[k].duration:g} s" if w.stages else ""
+        label = f"  stage {k}: " if w.stages else "  replayed: "
+        out.append(f"{label}{len(t)} requests sent over {span:.1f} s from t = {t.min():.1f} s ({rate}){want}")
+    out.append(f"Maximum request concurrency: {w.max_concurrency}")
+    return out
+
+
+def stage_table(requests: pd.DataFrame) -> str:
+    """Per-stage results of a staged run (inference-perf writes a stage_N file each)."""
+    rows = ["stage  requests  failed  mean TTFT (ms)  mean TPOT (ms)  mean E2E (ms)  output tok/s"]
+    for k, g in requests.groupby("stage"):
+        ok = g[g["success"]]
+        span = float((g["start_s"] + g["e2el_s"].fillna(0)).max() - g["start_s"].min())
+        thr = ok["output_len"].sum() / span if span > 0 else float("nan")
+        rows.append(f"{k:>5}  {len(g):>8}  {len(g) - len(ok):>6}  {1000 * ok['ttft_s'].mean():>14.2f}  "
+                    f"{1000 * ok['tpot_s'].mean():>14.2f}  {1000 * ok['e2el_s'].mean():>13.2f}  {thr:>12.2f}")
+    return "\n".join(rows)
 
 
 def _pct_label(p: float) -> str:

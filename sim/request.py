@@ -35,6 +35,8 @@ class Request:
 
     # client side
     start_s: float = math.nan  # request clock starts once the concurrency permit is held
+    stage: int = 0  # load stage (inference-perf's load.stages); arrival_s is from its start until sent
+    aborted: bool = False  # the client gave up on it (request timeout); the server aborts it
     # engine side
     status: Status = Status.PENDING
     num_computed: int = 0  # tokens whose KV has been computed
@@ -64,7 +66,7 @@ class Request:
     new_message_len: int = 0
     # for exact replay (calibration)
     permit_from: int = -1  # rid of the request whose completion freed this one's permit (-1: none)
-    end_step: int = -1  # for a request the scheduler rejected: engine steps completed by then
+    end_step: int = -1  # for a request the scheduler rejected: engine steps completed when the client heard
 
     @property
     def num_tokens(self) -> int:

@@ -13,7 +13,7 @@ from .pd import PDDeployment
 from .engine import SimulationStuck
 from .kv_cache import KVCache
 from .metrics import BenchmarkResult, calculate_metrics
-from .request import Request
+from .request import Request, Status
 from .workload import build_requests
 
 
@@ -70,11 +70,14 @@ def simulate(sc: Scenario, record_steps: bool = False, keep_token_times: bool | 
     requests = build_requests(w)
     if keep_token_times is None:
         keep_token_times = record_steps or len(requests) <= KEEP_TOKEN_TIMES_UP_TO
-    client = BenchmarkClient(env, requests, w.max_concurrency, w.think_time_s, keep_token_times)
+    client = BenchmarkClient(env, requests, w.max_concurrency, w.think_time_s, keep_token_times,
+                             w.stage_interval_s if w.stages else None, w.request_timeout_s)
     pd = sc.deployment.mode == "pd"
-    dep = (PDDeployment if pd else Deployment)(env, sc, client.on_done, record_steps,
-                                                compress=compress and not record_steps)
-    client.start(dep.submit)
+    # a client deadline can fall inside a run of decode steps that compression advances as one
+    # event, where a request's fields are not yet up to date: with one, every step is its own
+    compress = compress and not record_steps and w.request_timeout_s is None
+    dep = (PDDeployment if pd else Deployment)(env, sc, client.on_done, record_steps, compress=compress)
+    client.start(dep.submit, getattr(dep, "abort", None))
 
     try:
         env.run(until=simpy.AnyOf(env, [client.all_done, *dep.processes]))
@@ -89,6 +92,9 @@ def simulate(sc: Scenario, record_steps: bool = False, keep_token_times: bool | 
     if not client.all_done.triggered:
         raise SimulationStuck("the engine stopped before every request ended")  # pragma: no cover
 
+    for r in requests:
+        if r.aborted:  # the client gave up on it: a failure, however the server ended it
+            r.status = Status.FAILED
     unfinished = [r for r in requests if not r.done]
     in_use = sum(eng.scheduler.kv.num_used for eng in dep.engines)
     if unfinished or in_use:
@@ -102,7 +108,7 @@ def simulate(sc: Scenario, record_steps: bool = False, keep_token_times: bool | 
             raise SimulationStuck(  # pragma: no cover - an invariant, checked on every run
                 "prefix cache out of step with the KV pool: "
                 f"{cache.free_blocks()} blocks queued, {eng.scheduler.kv.num_free} free")
-    duration = env.now
+    duration = client.end_s  # the client's last end (an aborted request may be let go later)
     rep = sc.report
     bench = calculate_metrics(
         requests,

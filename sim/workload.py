@@ -65,28 +65,40 @@ def _read_dataset(path: str, columns: tuple[str, ...]) -> pd.DataFrame:
     return df
 
 
-def sample_sharegpt(df: pd.DataFrame, num_prompts: int, seed: int, fixed_output_len: int | None) -> list[Sample]:
-    """vLLM's ShareGPT sampler: shuffle with the seed, keep the first that pass the filter.
+def sample_sharegpt(df: pd.DataFrame, num_prompts: int, seed: int, fixed_output_len: int | None,
+                    client: str = "vllm") -> list[Sample]:
+    """The clients' ShareGPT sampler: shuffle the conversations with Python's `random` seeded with
+    the seed, walk them in that order, keep the first that pass the client's filter.
 
-    Filter: prompt < 4 or output < 4 is too short (the output check is skipped when the
-    output length is fixed); prompt > 1024 or prompt + output > 2048 is too long.
+    vLLM (every version from 0.6.3): prompt < 4 or output < 4 is too short (the output check is
+    skipped when the output length is fixed), prompt > 1024 or prompt + output > 2048 too long.
+    When fewer pass than asked, `vllm bench serve` (0.11.1 and later) re-seeds and adds
+    `random.choice` of the kept ones for each missing request (0.8.2-0.11.0 drew them with one
+    `random.choices`; the old benchmark_serving.py returned fewer). SGLang's bench_serving
+    (0.4.2 and later) drops only prompts or outputs under 2 tokens, and never oversamples.
     """
     prompts = df["prompt_tokens"].to_numpy()
     completions = df["completion_tokens"].to_numpy()
     order = _shuffled(len(df), seed)
+    sglang = client == "sglang"
     out: list[Sample] = []
     for i in order:
         p = int(prompts[i])
         o = int(completions[i]) if fixed_output_len is None else fixed_output_len
-        if p < 4 or (fixed_output_len is None and o < 4):
-            continue
-        if p > 1024 or p + o > 2048:
+        if sglang:
+            if p < 2 or o < 2:
+                continue
+        elif p < 4 or (fixed_output_len is None and o < 4) or p > 1024 or p + o > 2048:
             continue
         out.append(Sample(p, o))
         if len(out) == num_prompts:
             return out
+    if client == "vllm" and out:
+        rng = random.Random(seed)
+        return out + [rng.choice(out) for _ in range(num_prompts - len(out))]
     raise WorkloadError(
-        f"workload.num_prompts: only {len(out)} ShareGPT samples pass vLLM's filter, {num_prompts} requested"
+        f"workload.num_prompts: only {len(out)} ShareGPT samples pass the {client} client's filter, "
+        f"{num_prompts} requested (that client does not oversample)"
     )
 
 
@@ -169,40 +181,87 @@ def sample_lengths(path: str, num_prompts: int, seed: int, max_tokens: int | Non
     return list(map(Sample, order["p"].tolist(), order["d"].tolist()))
 
 
-def load_trace(path: str, num_prompts: int | None, time_scale: float) -> tuple[list[Sample], np.ndarray]:
-    """Azure-style trace: TIMESTAMP (datetime or seconds), ContextTokens, GeneratedTokens.
+def load_trace(path: str, num_prompts: int | None, time_scale: float,
+               stage: int | None = None) -> tuple[list[Sample], np.ndarray]:
+    """A recorded run's requests (any format `sim.traces` reads): arrival times relative to the
+    first request, multiplied by `time_scale` (0.1 replays it at 10x its rate), and lengths.
 
-    Arrival times are relative to the first row, multiplied by `time_scale`
-    (0.1 replays the trace at 10x its rate).
-    """
-    if not Path(path).exists():
-        raise WorkloadError(f"workload.trace_path: file not found: {path}")
-    df = _read_csv(path)
-    cols = {c.lower(): c for c in df.columns}
+    `stage`: only that load stage, its first request at time 0. Requests the file records as
+    failed without saying how long they were cannot be replayed; `trace_skipped` counts them."""
+    from .traces import TraceError, read_requests
+
     try:
-        ts_col, in_col, out_col = cols["timestamp"], cols["contexttokens"], cols["generatedtokens"]
-    except KeyError:
-        raise WorkloadError(
-            f"workload.trace_path: {path} needs columns TIMESTAMP, ContextTokens, GeneratedTokens; has {list(df.columns)}"
-        ) from None
+        df = _read_trace(path, read_requests)
+    except TraceError as exc:
+        raise WorkloadError(f"workload.trace_path: {exc}") from None
+    if stage is not None:
+        df = df[df["stage"] == stage]
+        if df.empty:
+            raise WorkloadError(f"workload.trace_stage: {path} has no stage {stage}")
+    df = df[~_unreplayable(df)]
     if num_prompts is not None:
         df = df.iloc[:num_prompts]
-    ts = df[ts_col]
-    if pd.api.types.is_numeric_dtype(ts):
-        t = ts.to_numpy(dtype=float)
-    else:
-        t = pd.to_datetime(ts).astype("int64").to_numpy() / 1e9
+    if df.empty:
+        raise WorkloadError(f"workload.trace_path: {path} has no request that can be replayed")
+    t = df["arrival_s"].to_numpy(dtype=float)
     t = (t - t[0]) * time_scale
     if np.any(np.diff(t) < 0):
-        raise WorkloadError(f"workload.trace_path: {path}: timestamps must not decrease")
-    samples = list(map(Sample, df[in_col].astype("int64").tolist(), df[out_col].astype("int64").tolist()))
+        raise WorkloadError(f"workload.trace_path: {path}: arrival times must not decrease")
+    samples = list(map(Sample, df["input_len"].tolist(), df["output_len"].tolist()))
     bad = [k for k, s in enumerate(samples) if s.prompt_len < 1 or s.output_len < 1]
     if bad:
         raise WorkloadError(
-            f"workload.trace_path: row {bad[0] + 2} has a prompt or output length below 1 "
+            f"workload.trace_path: request {bad[0] + 1} has a prompt or output length below 1 "
             "(a request must have at least one prompt token and ask for one output token)"
         )
     return samples, t
+
+
+def trace_skipped(path: str, stage: int | None = None) -> int:
+    """How many requests of a recorded run cannot be replayed (recorded as failed, length unknown)."""
+    from .traces import read_requests
+
+    df = _read_trace(path, read_requests)
+    if stage is not None:
+        df = df[df["stage"] == stage]
+    return int(_unreplayable(df).sum())
+
+
+def _unreplayable(df: pd.DataFrame) -> pd.Series:
+    return ~df["success"] & ((df["input_len"] < 1) | (df["output_len"] < 1))
+
+
+def _read_trace(path: str, reader) -> pd.DataFrame:
+    st = Path(path).stat() if Path(path).exists() else None
+    if st is None:
+        return reader(path)  # raises: file not found
+    return _read_trace_cached(str(Path(path).resolve()), st.st_mtime_ns, st.st_size, reader)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_trace_cached(path: str, mtime_ns: int, size: int, reader) -> pd.DataFrame:
+    return reader(path)
+
+
+def stage_offsets(rng: np.random.Generator, n: int, rate: float, duration: float, kind: str) -> np.ndarray:
+    """inference-perf's arrival times within a stage, from its start.
+
+    constant: n exponential gaps of mean 1/rate rescaled to sum to `duration` (the last request
+    at `duration`, the first after one gap). poisson: for each second a Poisson(rate) count,
+    spread over that second the same way, until n requests."""
+    if kind == "constant":
+        c = np.cumsum(rng.exponential(1.0 / rate, size=n))
+        return duration * c / c[-1]
+    out: list[np.ndarray] = []
+    start, have = 0.0, 0
+    while have < n:
+        k = int(rng.poisson(rate))
+        if k:
+            c = np.cumsum(rng.exponential(1.0 / k, size=k))
+            out.append(start + c / c[-1])
+            have += k
+        start += 1.0
+    return np.concatenate(out)[:n]
 
 
 # --- arrivals -------------------------------------------------------------------------
@@ -236,17 +295,30 @@ def build_requests(w) -> list[Request]:
     # its own np.random.default_rng(seed) for them.
     rs = np.random.RandomState(w.seed)
     times = None
+    # staged: every stage asks the dataset from its start, so the largest stage's count is drawn
+    n_draw = max(st.num_requests for st in w.stages) if w.stages else w.num_prompts
     if w.dataset_name == "sharegpt":
-        samples = sample_sharegpt(load_sharegpt_lengths(w.dataset_path), w.num_prompts, w.seed, w.sharegpt_output_len)
+        samples = sample_sharegpt(load_sharegpt_lengths(w.dataset_path), n_draw, w.seed, w.sharegpt_output_len,
+                                  w.client)
     elif w.dataset_name == "random":
         samples = sample_random(
-            rs if legacy else np.random.default_rng(w.seed), w.num_prompts, w.random_input_len, w.random_output_len,
+            rs if legacy else np.random.default_rng(w.seed), n_draw, w.random_input_len, w.random_output_len,
             w.resolved_range_ratio, w.random_prefix_len, legacy, sglang=w.client == "sglang",
         )
     elif w.dataset_name == "lengths":
-        samples = sample_lengths(w.dataset_path, w.num_prompts, w.seed, w.lengths_max_tokens)
+        samples = sample_lengths(w.dataset_path, n_draw, w.seed, w.lengths_max_tokens)
     else:
-        samples, times = load_trace(w.trace_path, w.num_prompts, w.trace_time_scale)
+        samples, times = load_trace(w.trace_path, w.num_prompts, w.trace_time_scale, w.trace_stage)
+    stage_of = None
+    if w.stages is not None:
+        # every stage asks the dataset from its start again (inference-perf restarts its data
+        # index each stage); times are from the stage's own start, which the client sets
+        rng = np.random.default_rng([w.seed, 2])
+        sizes = [st.num_requests for st in w.stages]
+        samples = [samples[i] for n in sizes for i in range(n)]
+        times = np.concatenate([stage_offsets(rng, n, st.rate, st.duration, w.stage_arrivals)
+                                for n, st in zip(sizes, w.stages)])
+        stage_of = np.repeat(np.arange(len(sizes)), sizes)
     if w.output_len_mean is not None:
         samples = stop_early_at_eos(samples, w.output_len_mean, np.random.default_rng([w.seed, 1]))
     if times is None:
@@ -261,6 +333,9 @@ def build_requests(w) -> list[Request]:
     finally:
         if gc_was_on:
             gc.enable()
+    if stage_of is not None:
+        for r, k in zip(reqs, stage_of.tolist()):
+            r.stage = k
     # every prompt is named, so a preempted request can find its own freed blocks again
     _add_segments(reqs, w.random_prefix_len if w.dataset_name == "random" else 0,
                   w.turns if w.dataset_name == "random" else 1)

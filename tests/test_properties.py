@@ -107,6 +107,8 @@ def scenarios(draw):
                                 "bandwidth_gbps": bandwidth,
                                 "layerwise": draw(st.booleans()),
                                 "bytes_per_token": 1.0 if bandwidth < 1e-3 else draw(st.sampled_from([1.0, 1000.0]))}
+    if deployment.get("mode") != "pd" and draw(st.integers(0, 3)) == 0:  # the client gives up on slow requests
+        workload["request_timeout_s"] = draw(st.sampled_from([0.02, 0.3, 3.0]))
     return {
         **extra,
         "engine": engine,

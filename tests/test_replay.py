@@ -110,3 +110,53 @@ def test_weighted_percentile_equals_numpy_on_the_expanded_data():
         full = np.repeat(x, c)
         for p in (0, 1, 50, 90, 99, 99.9, 100):
             assert weighted_percentile(x, c, p) == pytest.approx(np.percentile(full, p), abs=1e-12)
+
+
+# --- on random scenarios ------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from tests.test_properties import scenarios, wall_clock_guard  # noqa: E402
+
+ROOF = {"model": "llama-2-7b", "hardware": "a100-80g"}
+
+
+@st.composite
+def roofline_coeffs(draw):
+    return {**ROOF, "step_overhead_s": draw(st.sampled_from([1e-4, 3e-3, 2e-2])),
+            "per_seq_s": draw(st.sampled_from([0.0, 1e-4])),
+            "compute_efficiency": draw(st.sampled_from([0.1, 0.5])),
+            "memory_efficiency": draw(st.sampled_from([0.3, 0.8])),
+            "prefill_overhead_s": draw(st.sampled_from([0.0, 5e-3])),
+            "frontend_latency_s": draw(st.sampled_from([0.0, 0.0, 2e-3, 0.05]))}
+
+
+@st.composite
+def one_engine(draw):
+    data = draw(scenarios())
+    data.pop("kv_transfer", None)
+    data["deployment"] = {}
+    if data["workload"].get("turns", 1) > 1:
+        data["workload"]["think_time_s"] = draw(st.sampled_from([0.0, 0.0, 0.01]))
+    return data
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(one_engine(), roofline_coeffs(), roofline_coeffs())
+def test_replay_equals_simulation_whenever_it_says_it_is_exact(data, a, b):
+    """Timed arrivals, concurrency permits, conversations with think times, rejections, every
+    scheduler: re-timing a run with its own step times gives the run, and whenever the trace
+    says a replay with other step times (and front-end latency) is exact, it is the simulation."""
+    sc_a = scenario_from_dict({**data, "step_time": a})
+    sc_b = scenario_from_dict({**data, "step_time": b})
+    with wall_clock_guard(30):
+        rec = simulate(sc_a, record_steps=True)
+        tr = trace_from(rec)
+        same = replay(tr, tr.recorded_dt)
+        for k in KEYS:
+            assert same[k] == pytest.approx(rec.bench.metrics[k], rel=1e-9, abs=1e-6), k
+        if tr.exact_at(b["frontend_latency_s"]):
+            truth = simulate(sc_b).bench.metrics
+            other = replay(tr, sc_b.step_time.build().step_times(tr.features), frontend_latency_s=b["frontend_latency_s"])
+            for k in KEYS:
+                assert other[k] == pytest.approx(truth[k], rel=1e-9, abs=1e-6), k

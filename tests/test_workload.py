@@ -30,10 +30,39 @@ def test_sharegpt_filter_is_vllms():
     assert sorted(s.prompt_len for s in fixed) == [10, 10, 500, 1000, 1024]
 
 
-def test_sharegpt_too_few_samples_is_an_error():
-    df = pd.DataFrame({"prompt_tokens": [10], "completion_tokens": [10]})
-    with pytest.raises(WorkloadError, match="only 1 ShareGPT samples"):
-        sample_sharegpt(df, 2, seed=0, fixed_output_len=None)
+def test_sharegpt_too_few_samples_oversampled_by_vllm_bench_serve_only():
+    """`vllm bench serve` (0.11.1+) re-seeds and tops up with random.choice of the kept samples;
+    the old benchmark_serving.py and SGLang's client do not oversample."""
+    import random
+
+    df = pd.DataFrame({"prompt_tokens": [10, 20, 3], "completion_tokens": [10, 20, 10]})
+    got = sample_sharegpt(df, 5, seed=7, fixed_output_len=None)
+    kept = got[:2]
+    rng = random.Random(7)
+    assert got[2:] == [rng.choice(kept) for _ in range(3)]
+    for client, n in (("vllm-legacy", 2), ("sglang", 3)):  # SGLang keeps a 3-token prompt
+        with pytest.raises(WorkloadError, match=f"only {n} ShareGPT samples pass the {client} client's filter"):
+            sample_sharegpt(df, 5, seed=0, fixed_output_len=None, client=client)
+
+
+def test_sglang_sharegpt_filter_drops_only_what_is_under_two_tokens():
+    df = pd.DataFrame({"prompt_tokens": [1, 2, 3000, 10], "completion_tokens": [10, 1, 5000, 2]})
+    kept = sample_sharegpt(df, 2, seed=1, fixed_output_len=None, client="sglang")
+    assert sorted((s.prompt_len, s.output_len) for s in kept) == [(10, 2), (3000, 5000)]
+
+
+def test_sharegpt_order_is_pythons_shuffle_of_the_conversations():
+    """Both clients shuffle the list of conversations with `random.seed(seed); random.shuffle`,
+    then walk it: the first that pass are the sample, in that order."""
+    import random
+
+    n = 200
+    df = pd.DataFrame({"prompt_tokens": np.arange(n) + 10, "completion_tokens": np.full(n, 50)})
+    order = list(range(n))
+    random.seed(3)
+    random.shuffle(order)
+    got = sample_sharegpt(df, 20, seed=3, fixed_output_len=None)
+    assert [s.prompt_len for s in got] == [i + 10 for i in order[:20]]
 
 
 def test_bundled_sharegpt_matches_seed004_workload():
@@ -109,7 +138,7 @@ def test_trace_replay_and_time_scale(tmp_path):
 def test_trace_bad_columns_named(tmp_path):
     p = tmp_path / "t.csv"
     p.write_text("time,in,out\n0,1,1\n")
-    with pytest.raises(WorkloadError, match="needs columns TIMESTAMP, ContextTokens, GeneratedTokens"):
+    with pytest.raises(WorkloadError, match=r"workload.trace_path: .*needs columns arrival_s, input_len .*TIMESTAMP, ContextTokens, GeneratedTokens; it has \[.time., .in., .out.\]"):
         load_trace(str(p), None, 1.0)
 
 

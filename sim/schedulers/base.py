@@ -81,7 +81,6 @@ class Scheduler:
         self.num_preemptions = 0
         # requests the scheduler rejected itself (e.g. can never fit): the engine reports them
         self.rejected: list[Request] = []
-        self.steps_done = 0  # kept up to date by the engine
         # vllm-ascend's RecomputeScheduler on a KV consumer: a victim is handed back to the
         # deployment (to be prefilled again on P) instead of being preempted here
         self.on_recompute: Any = None
@@ -135,10 +134,20 @@ class Scheduler:
         if req.status is Status.RUNNING:
             self._sync_group()  # it may be a member of the decode group
         req.status = Status.FAILED
-        req.end_step = self.steps_done
         req.error = reason
         self.kv.free(req)
         self.rejected.append(req)
+
+    def abort(self, req: Request) -> None:
+        """The client went away: the request leaves its queue and frees its KV at once (vLLM's
+        abort_requests, SGLang's abort), planned between steps by the engine."""
+        self._sync_group()
+        if req.status is Status.RUNNING:
+            self.running.remove(req)
+        elif req.status is Status.WAITING:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        req.status = Status.FAILED
 
     def preempt(self, req: Request, batch: Batch) -> None:
         """Preemption by recompute: drop the KV, re-prefill prompt + output later.

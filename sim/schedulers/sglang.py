@@ -39,6 +39,11 @@ class SglangScheduler(Scheduler):
         self.chunked_req: Request | None = None  # the one request whose prompt is being chunked
         self.num_retractions = 0
 
+    def abort(self, req: Request) -> None:
+        if self.chunked_req is req:
+            self.chunked_req = None
+        super().abort(req)
+
     def add(self, req: Request) -> None:
         # validate_input_length: the usable length is bounded by the token pool as well
         max_req_len = min(self.cfg.max_model_len, self.kv.capacity_tokens)
