@@ -1,7 +1,7 @@
 """Fit the roofline step-time model (and unknown capacities) to measured benchmark rows.
 
     fitter = StepTimeFit(model="qwen2.5-72b-instruct-gptq-int4", hardware=["a100-80g", "h100-80g"])
-    fitter.fit(train_cases)          # simulate each row once, then optimise on exact replays
+    fitter.fit(train_cases)          # replays where they equal simulating again, else simulations
     table = fitter.predict(cases)    # full simulations with the fitted coefficients
 
 The loss is the mean squared log ratio of predicted to measured metric, over the metrics
@@ -38,12 +38,15 @@ from sim.runner import simulate
 from .replay import Trace, replay, trace_from
 
 DEFAULT_METRICS = ("mean_ttft_ms", "mean_tpot_ms", "median_itl_ms", "output_throughput")
+# what `servesim calibrate` fits when not told (--metrics): those of these its rows have
+CALIBRATE_METRICS = ("mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "median_itl_ms", "mean_e2e_ms",
+                     "p99_e2e_ms", "output_throughput")
 # measured column -> simulated metric key
 SIM_KEY = {
     "mean_ttft_ms": "mean_ttft_ms", "median_ttft_ms": "median_ttft_ms", "p99_ttft_ms": "p99_ttft_ms",
     "mean_tpot_ms": "mean_tpot_ms", "median_tpot_ms": "median_tpot_ms", "p99_tpot_ms": "p99_tpot_ms",
     "mean_itl_ms": "mean_itl_ms", "median_itl_ms": "median_itl_ms", "p99_itl_ms": "p99_itl_ms",
-    "mean_e2e_ms": "mean_e2el_ms", "p99_e2e_ms": "p99_e2el_ms",
+    "mean_e2e_ms": "mean_e2el_ms", "median_e2e_ms": "median_e2el_ms", "p99_e2e_ms": "p99_e2el_ms",
     "output_throughput": "output_throughput", "request_throughput": "request_throughput",
     "duration_s": "duration", "successful_requests": "completed",
 }
@@ -68,8 +71,16 @@ def _with(case: RowCase, step_time: dict, kv_tokens: int | None, seed: int) -> d
     return data
 
 
-def _simulate_trace(data: dict) -> Trace:
-    return trace_from(simulate(scenario_from_dict(data), record_steps=True))
+def _simulate_run(data: dict) -> tuple[Trace, dict]:
+    """A recorded simulation: its trace (to re-time) and its metrics (its true loss)."""
+    res = simulate(scenario_from_dict(data), record_steps=True)
+    return trace_from(res), res.bench.metrics
+
+
+def _eager(data: dict) -> bool:
+    """Whether a row's engine (or a PD role's) runs without CUDA graphs."""
+    engines = [data.get("engine", {})] + [data.get(r, {}).get("engine", {}) for r in ("prefill", "decode")]
+    return any(e.get("enforce_eager") or e.get("disable_cuda_graph") for e in engines)
 
 
 def _several_instances(data: dict) -> bool:
@@ -81,12 +92,20 @@ def _simulate_metrics(data: dict) -> dict:
     return simulate(scenario_from_dict(data)).bench.metrics
 
 
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
 def _pmap(fn, items: list, processes: int, progress: str | None):
+    """`fn` over `items` on `processes` worker processes, in order. The workers are started once
+    and kept: a fit by simulation maps a few simulations hundreds of times, and starting a pool
+    each time cost more than the simulations (workers also keep their cached datasets)."""
     if processes <= 1 or len(items) <= 1:
         it = map(fn, items)
         return list(_bar(it, len(items), progress))
-    with ProcessPoolExecutor(max_workers=processes) as ex:
-        return list(_bar(ex.map(fn, items), len(items), progress))
+    pool = _POOLS.get(processes)
+    if pool is None:
+        pool = _POOLS[processes] = ProcessPoolExecutor(max_workers=processes)
+    return list(_bar(pool.map(fn, items), len(items), progress))
 
 
 def _bar(it, total, desc):
@@ -98,15 +117,22 @@ def _bar(it, total, desc):
 
 
 # --- parameters <-> vector -------------------------------------------------------------------
-_LOG = {"step_overhead_s": (1e-4, 0.5), "compute_efficiency": (0.01, 1.5), "memory_efficiency": (0.05, 1.5),
-        "comm_efficiency": (0.02, 1.5)}
+# Efficiencies cannot beat the hardware's peak: a fit that needs more is missing a term, and
+# lands on the bound, where calibration.check says so.
+_LOG = {"step_overhead_s": (1e-4, 0.5), "compute_efficiency": (0.01, 1.0), "memory_efficiency": (0.05, 1.0),
+        "comm_efficiency": (0.02, 1.0)}
 _LIN = {"per_seq_s": (0.0, 0.003), "launch_overhead_s": (0.0, 0.3), "prefill_overhead_s": (0.0, 0.5),
         "frontend_latency_s": (0.0, 0.5)}
-# Weak pulls toward typical values, so a coefficient the training rows cannot see (say, memory
-# efficiency when every step is compute-bound) stays plausible instead of drifting. Weight 0.02
-# on a log ratio: a factor-2 departure costs as much as a 1.4 % error on one metric.
+# Weak pulls toward typical values, so a coefficient the training rows cannot see stays plausible
+# instead of drifting: memory efficiency when every step is compute-bound, or, in every decode
+# step, the split between the per-step overhead and the weight reads (both cost the same each
+# step; only the KV reads, a few % of the bytes, tell them apart from each other and from a
+# per-request cost). Weight 0.1 on a log ratio: a factor-2 departure costs as much as a 7 % error
+# on one metric, far more than the schedule's own noise (~0.5 %), less than a real misfit. (At
+# 0.05, the round trip's dense fit let memory efficiency drift to 0.59 against the true 0.8 and
+# over-predicted TPOT at 3x longer contexts by 6 %; at 0.1, memory 0.65 and +2.6 %.)
 _PRIOR = {"compute_efficiency": 0.4, "memory_efficiency": 0.7, "comm_efficiency": 0.5}
-_PRIOR_WEIGHT = 0.02
+_PRIOR_WEIGHT = 0.1
 # Candidates within this relative objective of each other are ties; the first one wins. KV
 # capacities are tried from small to large, so a tie keeps the smallest capacity that explains
 # the training rows: capacity beyond what they ever fill cannot be seen in them.
@@ -129,8 +155,8 @@ class StepTimeFit:
     n_starts: int = 17  # the default coefficients and n_starts - 1 Sobol points
     random_state: int = 0
     processes: int | None = None
-    max_outer: int = 4
     progress: bool = False
+    fixed: dict = field(default_factory=dict)  # coefficients held at these values, not fitted
     # minimise over full simulations even when replay is possible (runs whose schedule depends
     # on timing, e.g. Poisson arrivals, where replay is only approximate)
     by_simulation: bool = False
@@ -142,24 +168,36 @@ class StepTimeFit:
     candidates_: list[dict] = field(default_factory=list)
     x_: np.ndarray | None = None  # the fitted point in the optimiser's coordinates (see _vec)
     jacobian_: np.ndarray | None = None  # d(data residuals)/dx at x_, one row per fitted number
+    eager_: bool = True  # some training row runs without CUDA graphs: the launch floor is fitted
 
     def _names(self) -> list[str]:
-        names = ["step_overhead_s", "per_seq_s", "launch_overhead_s", "prefill_overhead_s", "frontend_latency_s",
-                 "compute_efficiency", "memory_efficiency"]
-        return names + (["comm_efficiency"] if self.tp > 1 else [])
+        """The coefficients the fit moves: TP communication only with TP > 1, the launch floor only
+        when some row runs without CUDA graphs (a graph launches a step's kernels at once; fitted
+        anyway, a floor above every step's GPU time imitates a slower device and hides how steps
+        grow with the batch), none it holds fixed."""
+        names = ["step_overhead_s", "per_seq_s"] + (["launch_overhead_s"] if self.eager_ else []) \
+            + ["prefill_overhead_s", "frontend_latency_s", "compute_efficiency", "memory_efficiency"] \
+            + (["comm_efficiency"] if self.tp > 1 else [])
+        return [n for n in names if n not in self.fixed]
 
+    def _base(self) -> RooflineCoefficients:
+        return RooflineCoefficients(**self.fixed)
+
+    # The optimiser's coordinates are all of order one: a ratio coefficient as its log, a time
+    # as the fraction of its upper bound. Finite differences then move every coefficient by a
+    # like amount (in seconds, a relative step of 1e-2 would move per_seq_s by 3x its range).
     def _to_coeffs(self, x: np.ndarray) -> RooflineCoefficients:
-        vals = {}
+        vals = dict(self.fixed)
         for name, v in zip(self._names(), x):
-            vals[name] = float(np.exp(v)) if name in _LOG else float(v)
+            vals[name] = float(np.exp(v)) if name in _LOG else float(v) * _LIN[name][1]
         return RooflineCoefficients(**vals)
 
     def _bounds(self):
         lo, hi = [], []
         for n in self._names():
             a, b = _LOG.get(n) or _LIN[n]
-            lo.append(math.log(a) if n in _LOG else a)
-            hi.append(math.log(b) if n in _LOG else b)
+            lo.append(math.log(a) if n in _LOG else a / _LIN[n][1])
+            hi.append(math.log(b) if n in _LOG else 1.0)
         return np.array(lo), np.array(hi)
 
     def _starts(self) -> list[np.ndarray]:
@@ -168,7 +206,7 @@ class StepTimeFit:
         from scipy.stats import qmc  # only a fit needs it (scipy.stats is slow to import)
 
         lo, hi = self._bounds()
-        pts = [np.clip(self._vec(RooflineCoefficients()), lo, hi)]
+        pts = [np.clip(self._vec(self._base()), lo, hi)]
         n = self.n_starts - 1
         if n > 0:
             u = qmc.Sobol(len(lo), scramble=True, seed=self.random_state).random_base2(max(0, math.ceil(math.log2(n))))
@@ -180,10 +218,10 @@ class StepTimeFit:
         uniform draw (fixed by `random_state`)."""
         lo, hi = self._bounds()
         u = np.random.default_rng(self.random_state).uniform(0.15, 0.85, size=len(lo))
-        return [np.clip(self._vec(RooflineCoefficients()), lo, hi), lo + (hi - lo) * u]
+        return [np.clip(self._vec(self._base()), lo, hi), lo + (hi - lo) * u]
 
     def _vec(self, c: RooflineCoefficients) -> np.ndarray:
-        return np.array([math.log(getattr(c, n)) if n in _LOG else getattr(c, n) for n in self._names()])
+        return np.array([math.log(getattr(c, n)) if n in _LOG else getattr(c, n) / _LIN[n][1] for n in self._names()])
 
     def _step_dict(self, hardware: str, c: RooflineCoefficients) -> dict:
         return {"model": self.model, "hardware": hardware, "tp": self.tp, **c.as_dict()}
@@ -199,6 +237,7 @@ class StepTimeFit:
 
     def _fit(self, cases: list[RowCase]) -> StepTimeFit:
         self._solved = {}  # optimisations already run, by the traces they ran on
+        self.eager_ = any(_eager(c.scenario) for c in cases)
         hws = [self.hardware] if isinstance(self.hardware, str) else list(self.hardware)
         kvs = [None] if self.kv_bounds is None else [
             int(round(v / 16) * 16) for v in np.geomspace(self.kv_bounds[0], self.kv_bounds[1], self.kv_grid)]
@@ -206,6 +245,17 @@ class StepTimeFit:
             if self.kv_bounds is None or not self.kv_bounds[0] <= self.kv_prior <= self.kv_bounds[1]:
                 raise ValueError(f"kv_prior {self.kv_prior} must lie inside kv_bounds {self.kv_bounds}")
             kvs = sorted(set(kvs) | {int(self.kv_prior)})
+        unknown = sorted(set(self.metrics) - set(SIM_KEY)) + sorted(set(self.fixed) - set(_LOG) - set(_LIN))
+        if unknown:
+            raise ValueError(f"unknown metric or coefficient {unknown}; metrics: {', '.join(SIM_KEY)}; "
+                             f"coefficients: {', '.join([*_LOG, *_LIN])}")
+        n_data, n_free = self._n_data(cases), len(self._names())
+        if n_data < n_free:
+            have = sorted({m for c in cases for m in self.metrics if m in c.measured})
+            raise ValueError(f"{n_data} measured numbers ({len(cases)} rows x the metrics they have of "
+                             f"{', '.join(self.metrics)}: {', '.join(have) or 'none'}) cannot determine {n_free} "
+                             f"coefficients ({', '.join(self._names())}): fit more rows or metrics, or hold "
+                             "coefficients fixed")
         procs = self.processes or os.cpu_count() or 1
         best = None
         self.candidates_ = []
@@ -261,47 +311,84 @@ class StepTimeFit:
         return best
 
     def _fit_one(self, cases, hw, st: RooflineStepTime, kv, procs):
+        """Simulate the rows once and fit on replays of those runs: where the replays are exact at
+        the fitted coefficients (calibration.replay, Trace.exact_at), that is the answer, and its
+        loss the simulations'. Otherwise (timed arrivals; a front-end latency behind concurrency
+        permits) the loss is minimised over full simulations, from starting points the replays
+        propose, and the loss reported is the simulations'."""
         if self.by_simulation or any(_several_instances(c.scenario) for c in cases):
             return self._fit_by_simulation(cases, hw, kv, procs)
-        coeffs = RooflineCoefficients()
-        prev = None
-        for _ in range(self.max_outer):
-            jobs = [_with(c, self._step_dict(hw, coeffs), kv, s) for c in cases for s in self.seeds]
-            desc = f"simulate {hw}" + (f" kv={kv}" if kv else "") if self.progress else None
-            traces = _pmap(_simulate_trace, jobs, procs, desc)
-            # KV capacities the rows never fill give the same traces: optimise those once
-            key = (hw, _digest(traces))
-            if key not in self._solved:
-                self._solved[key] = self._optimise(cases, st, traces)
-            coeffs, loss, jac = self._solved[key]
-            if all(t.exact for t in traces):
-                break  # replay equals simulation: nothing to iterate
-            x = self._vec(coeffs)
-            if prev is not None and np.max(np.abs(x - prev)) < 1e-3:
+        runs = self._record(cases, hw, self._base(), kv, procs)
+        traces = [t for t, _ in runs]
+        # KV capacities the rows never fill give the same traces: optimise those once
+        key = (hw, _digest(traces))
+        if key not in self._solved:
+            self._solved[key] = self._optimise(cases, st, traces)
+        coeffs, replay_loss, jac = self._solved[key]
+        if all(t.exact_at(coeffs.frontend_latency_s) for t in traces):
+            return coeffs, replay_loss, jac  # the replays are the simulations
+        # Timed arrivals: the replays re-time each request through the steps it was recorded in
+        # (calibration.replay._local). That is right at the coefficients the runs were simulated
+        # with, but elsewhere it misses how the batches change: at 70 % load, a decode step 1 %
+        # slower lets the batch grow and slows it again, which the replays do not see (their
+        # predicted loss was off by 20x a step away). So the replays only propose starts, and the
+        # loss is minimised over full simulations: each start is simulated once, the two lowest
+        # are searched with finite differences wide enough (0.1 in the optimiser's coordinates)
+        # to see through the schedule's noise (a metric moves ~0.5 % when the schedule changes
+        # at all), and the lower is polished at 0.05. Starts: the replays' estimate and the
+        # usual starts.
+        starts = [self._vec(coeffs)] + self._starts()
+        best = self._fit_by_simulation(cases, hw, kv, procs, starts=starts, screen=2, diff_step=0.1, max_nfev=40,
+                                       polish_nfev=40, polish_step=0.05)
+        # The replays of runs simulated at the estimate batch as those runs did, so near it they
+        # are right: search them again from every start (another basin the first runs, simulated
+        # at the defaults, could not show), and search by simulation from their answer while
+        # that lowers the simulated loss.
+        for _ in range(3):
+            traces = [t for t, _ in self._record(cases, hw, best[0], kv, procs)]
+            again, _, _ = self._optimise(cases, st, traces, self._vec(best[0]))
+            if self._sim_loss(cases, hw, again, kv, procs) >= best[1]:
                 break
-            prev = x
-        if not all(t.exact for t in traces):
-            loss = self._sim_loss(cases, hw, coeffs, kv, procs)
-        return coeffs, loss, jac
+            cand = self._fit_by_simulation(cases, hw, kv, procs, starts=[self._vec(again)], diff_step=0.1, max_nfev=40,
+                                           polish_nfev=40, polish_step=0.05)
+            if cand[1] >= best[1]:
+                break
+            best = cand
+        return best
 
-    def _fit_by_simulation(self, cases, hw, kv, procs):
-        """Several engines (PD, data parallel) cannot be replayed from one step list, so every
-        residual is a full simulation: fewer starts and evaluations, and finite differences
-        wide enough to see through the schedule's discreteness."""
+    def _record(self, cases, hw, coeffs, kv, procs) -> list[tuple[Trace, dict]]:
+        """Every row (and seed) simulated at `coeffs`, recorded: its trace and its metrics."""
+        jobs = [_with(c, self._step_dict(hw, coeffs), kv, s) for c in cases for s in self.seeds]
+        return _pmap(_simulate_run, jobs, procs, f"simulate {hw}" + (f" kv={kv}" if kv else "") if self.progress else None)
+
+    def _fit_by_simulation(self, cases, hw, kv, procs, starts=None, screen: int = 0, diff_step: float = 0.05,
+                           max_nfev: int = 30, polish_nfev: int = 0, polish_step: float | None = None):
+        """Every residual a full simulation: several engines (PD, data parallel) cannot be
+        replayed from one step list, and timed arrivals cannot be re-timed from one. Finite
+        differences wide enough to see through the schedule's discreteness. With `screen`, each
+        start is first simulated once and only that many of the lowest are searched; the lowest
+        search is polished with `polish_nfev` more simulations at `polish_step`."""
         lo, hi = self._bounds()
-        best = None
 
         def residuals(x):
             coeffs = self._to_coeffs(x)
-            pred = self._predict_metrics(cases, hw, coeffs, kv, procs)
-            res = [math.log(max(p[SIM_KEY[m]], 1e-12) / c.measured[m]) for c, p in zip(cases, pred)
-                   for m in self.metrics if m in c.measured and np.isfinite(c.measured[m]) and c.measured[m] > 0]
+            res = self._data_residuals(cases, self._predict_metrics(cases, hw, coeffs, kv, procs))
             return np.concatenate([res, self._prior_residuals(coeffs)])
 
-        for x0 in self._simulation_starts():
-            r = least_squares(residuals, x0, bounds=(lo, hi), diff_step=0.05, max_nfev=30)
+        def solve(x0, nfev, step):
+            return least_squares(residuals, x0, bounds=(lo, hi), diff_step=step, max_nfev=nfev)
+
+        starts = [np.clip(x, lo, hi) for x in (starts if starts is not None else self._simulation_starts())]
+        if screen:
+            cost = [float(np.sum(residuals(x) ** 2)) for x in starts]
+            starts = [starts[i] for i in sorted(range(len(starts)), key=lambda i: (cost[i], i))[:screen]]
+        best = None
+        for x0 in starts:
+            r = solve(x0, max_nfev, diff_step)
             if best is None or r.cost < best.cost:
                 best = r
+        if polish_nfev:
+            best = solve(best.x, polish_nfev, polish_step or diff_step)
         coeffs = self._to_coeffs(best.x)
         jac = best.jac[:len(best.fun) - len(self._prior_residuals(coeffs))]
         return coeffs, self._sim_loss(cases, hw, coeffs, kv, procs), jac
@@ -333,11 +420,6 @@ class StepTimeFit:
         """Candidates whose training loss is within `rel` of the best: the data cannot choose."""
         return [c for c in self.candidates_ if c["loss"] <= self.loss_ * (1 + rel) + 1e-12]
 
-    def _scale(self) -> np.ndarray:
-        """Units of the optimiser's coordinates made comparable: a log coefficient moves by its
-        log, a linear one (seconds) by the fraction of its upper bound."""
-        return np.array([1.0 if n in _LOG else _LIN[n][1] for n in self._names()])
-
     def pinned_directions(self, min_effect: float = 0.05) -> list[dict]:
         """The directions in coefficient space the training rows pin down: the right singular
         vectors of the Jacobian whose unit move (a factor e, or a linear coefficient's whole
@@ -345,7 +427,7 @@ class StepTimeFit:
         Each has `vector` (in scaled coordinates) and `effect` (RMS change per unit move)."""
         if self.jacobian_ is None:
             raise RuntimeError("fit first")
-        j = self.jacobian_ * self._scale()
+        j = self.jacobian_
         _, s, vt = np.linalg.svd(j, full_matrices=False)
         eff = s / math.sqrt(len(j))
         return [{"vector": v, "effect": float(e)} for e, v in zip(eff, vt) if e >= min_effect]
@@ -354,14 +436,15 @@ class StepTimeFit:
         """How far `other` is from the fit along each pinned direction: `shift` in scaled units
         and `rms_change`, the change in the training residuals' RMS that shift makes (linearised
         at the fit). Unpinned directions are not compared: the rows say nothing about them."""
-        d = (self._vec(other) - self.x_) / self._scale()
+        d = self._vec(other) - self.x_
         return [{"effect": p["effect"], "shift": float(p["vector"] @ d),
                  "rms_change": abs(float(p["vector"] @ d)) * p["effect"]} for p in self.pinned_directions(min_effect)]
 
-    def _optimise(self, cases, st, traces, scout_nfev: int = 30, polish: int = 3):
+    def _optimise(self, cases, st, traces, x0=None, scout_nfev: int = 30, polish: int = 3):
         """Every start takes `scout_nfev` evaluations; the `polish` lowest go on to converge.
         On the splits here this finds the lowest basin that running every start to the end
-        finds, in half the time. Ties keep the earlier start: nothing depends on the machine."""
+        finds, in half the time. Ties keep the earlier start: nothing depends on the machine.
+        `x0` (a later round, on runs simulated at x0) is one more start."""
         lo, hi = self._bounds()
         terms = [st.step_terms(t.features) for t in traces]
 
@@ -371,28 +454,34 @@ class StepTimeFit:
         def solve(x0, nfev):
             return least_squares(fun, x0, bounds=(lo, hi), diff_step=1e-3, max_nfev=nfev)
 
-        scouts = sorted(enumerate(solve(x0, scout_nfev) for x0 in self._starts()), key=lambda ir: (ir[1].cost, ir[0]))
+        starts = self._starts() + ([] if x0 is None else [x0])
+        scouts = sorted(enumerate(solve(x, scout_nfev) for x in starts), key=lambda ir: (ir[1].cost, ir[0]))
         best = min((solve(r.x, 400) for _, r in scouts[:polish]), key=lambda r: r.cost)
         coeffs = self._to_coeffs(best.x)
         data = self._residuals(cases, st, traces, terms, coeffs, with_prior=False)
         return coeffs, float(np.mean(data**2)), best.jac[:len(data)]
 
     def _sim_loss(self, cases, hw, coeffs, kv, procs) -> float:
-        pred = self._predict_metrics(cases, hw, coeffs, kv, procs)
-        res = []
-        for case, p in zip(cases, pred):
-            for m in self.metrics:
-                if m in case.measured and np.isfinite(case.measured[m]) and case.measured[m] > 0:
-                    res.append(math.log(max(p[SIM_KEY[m]], 1e-12) / case.measured[m]))
-        return float(np.mean(np.square(res)))
+        return self._loss(cases, self._predict_metrics(cases, hw, coeffs, kv, procs))
+
+    def _data_residuals(self, cases, preds: list[dict]) -> list[float]:
+        """Log ratio of predicted to measured, for every fitted metric each row has."""
+        return [math.log(max(p[SIM_KEY[m]], 1e-12) / c.measured[m]) for c, p in zip(cases, preds)
+                for m in self.metrics if m in c.measured and np.isfinite(c.measured[m]) and c.measured[m] > 0]
+
+    def _loss(self, cases, preds: list[dict]) -> float:
+        return float(np.mean(np.square(self._data_residuals(cases, preds))))
+
+    def _mean_metrics(self, cases, out: list[dict]) -> list[dict]:
+        """Each row's metrics averaged over its workload seeds (`out`: rows times seeds, in order)."""
+        ns = len(self.seeds)
+        return [{k: float(np.mean([o[k] for o in out[i * ns:(i + 1) * ns]])) for k in out[i * ns]}
+                for i in range(len(cases))]
 
     # --- predict -------------------------------------------------------------------------------
     def _predict_metrics(self, cases, hw, coeffs, kv, procs) -> list[dict]:
         jobs = [_with(c, self._step_dict(hw, coeffs), kv, s) for c in cases for s in self.seeds]
-        out = _pmap(_simulate_metrics, jobs, procs, "predict" if self.progress else None)
-        ns = len(self.seeds)
-        return [{k: float(np.mean([o[k] for o in out[i * ns:(i + 1) * ns]])) for k in out[i * ns]}
-                for i in range(len(cases))]
+        return self._mean_metrics(cases, _pmap(_simulate_metrics, jobs, procs, "predict" if self.progress else None))
 
     def predict(self, cases: list[RowCase]) -> pd.DataFrame:
         """Full simulations (not replays) with the fitted parameters; one row per case and metric."""
@@ -438,8 +527,10 @@ def _digest(traces: list[Trace]) -> str:
     which step emitted each token), as a hash."""
     h = hashlib.sha256()
     for t in traces:
-        for a in (t.features, t.wake_s, t.arrival_s, t.permit_from, t.finished, t.end_step, t.prompt_len,
-                  t.output_len, t.tok_step, t.tok_ptr, np.array([t.frontend_latency_s, t.exact], dtype=float)):
+        fixed = t.fixed_start if t.fixed_start is not None else np.empty(0)
+        for a in (t.features, fixed, t.arrival_s, t.permit_from, t.follows, t.first_step, t.finished, t.end_step,
+                  t.prompt_len, t.output_len, t.tok_step, t.tok_ptr,
+                  np.array([t.frontend_latency_s, t.think_time_s, t.exact], dtype=float)):
             h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 

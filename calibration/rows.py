@@ -19,7 +19,25 @@ def _num(row: pd.Series, col: str):
     return v
 
 
+# what a base file's workload says about a dataset or a schedule: a row that replays its own
+# recorded requests keeps none of it
+_DATASET_KEYS = {"dataset_name", "num_prompts", "request_rate", "burstiness", "random_input_len", "random_output_len",
+                 "random_range_ratio", "random_prefix_len", "turns", "think_time_s", "output_len_mean", "dataset_path",
+                 "sharegpt_output_len", "lengths_max_tokens", "trace_path", "trace_time_scale", "trace_stage",
+                 "stages", "stage_arrivals", "stage_interval_s"}
+
+
 def row_to_scenario(row: pd.Series, base: dict) -> dict:
+    """A per-request row (it has `trace_path`) replays its own requests at their recorded times,
+    with the base file's engine and client; an aggregate row takes the table's columns as the
+    engine's and the workload's settings, over the base file."""
+    trace = row.get("trace_path")
+    if isinstance(trace, str) and trace:
+        wl = {k: v for k, v in base.get("workload", {}).items() if k not in _DATASET_KEYS}
+        wl.update(dataset_name="trace", trace_path=trace)
+        if _num(row, "trace_stage") is not None:
+            wl["trace_stage"] = int(_num(row, "trace_stage"))
+        return {**base, "workload": wl}
     eng, wl = {}, {}
     if _num(row, "chunked_prefill") is not None:
         eng["enable_chunked_prefill"] = str(row["chunked_prefill"]).lower() == "true"

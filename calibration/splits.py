@@ -44,6 +44,7 @@ class Split:
     # {memory_fraction, reserve_gib}: the engine's memory formula, when it has no unknowns
     kv_prior: dict | None = None
     fit_by_simulation: bool = False  # see StepTimeFit.by_simulation
+    fixed: dict = field(default_factory=dict)  # coefficients held, not fitted (StepTimeFit.fixed)
     targets: dict[str, float] = field(default_factory=dict)  # metric -> max median APE (%) on predicted rows
     count_targets: dict[str, list[float]] = field(default_factory=dict)  # row -> [measured, tolerance]
     notes: str = ""

@@ -1,14 +1,16 @@
 """Measured benchmark results -> one tidy pandas DataFrame, one row per benchmark run.
 
 Columns follow the tidy CSV format of calibration/data/ (latencies in ms, throughputs per
-second, `duration_s` in seconds). Four sources are read:
+second, `duration_s` in seconds). Sources read:
 
 - the tidy CSV itself (`load_tidy_csv`);
 - `vllm bench serve --save-result` / `benchmark_serving.py` JSON files (`load_vllm_json`);
 - `python -m sglang.bench_serving` JSONL, one run per line (`load_sglang_jsonl`);
-- per-request results: a CSV with arrival time, input and output length and each request's
-  measured TTFT and E2E, or a `--save-detailed` vLLM JSON (`load_per_request`), reduced to
-  means and tail percentiles.
+- inference-perf's summary and stage files (`load_inference_perf_summary`) and AIPerf's
+  `profile_export_aiperf.json` (`load_aiperf_summary`);
+- per-request results, any format `sim.traces` reads (servesim's or a tidy CSV, vLLM
+  `--save-detailed`, inference-perf's per-request records, AIPerf's `profile_export.jsonl`):
+  one row per load stage, which replays its own requests (`load_per_request`).
 
 `check_table` refuses what cannot be a measurement (a missing column, text where a
 number belongs, a negative latency, a tail below its median) naming the row and column.
@@ -102,14 +104,18 @@ def _metric_keys(d: dict, e2e_name: str) -> dict:
     return out
 
 
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TableError(f"{path.name}: not JSON ({exc})") from None
+
+
 def load_vllm_json(paths: list[str | Path]) -> pd.DataFrame:
     """One row per `--save-result` JSON file; `run_id` is the file name without suffix."""
     rows = []
     for p in map(Path, paths):
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise TableError(f"{p.name}: not JSON ({exc})") from None
+        d = _json(p)
         if "duration" not in d or "completed" not in d:
             raise TableError(f"{p.name}: not a vLLM benchmark result (no 'duration'/'completed')")
         row = {"run_id": p.stem, "engine": "vllm", "source": p.name}
@@ -146,70 +152,152 @@ def load_sglang_jsonl(path: str | Path) -> pd.DataFrame:
     return check_table(pd.DataFrame(rows), path.name)
 
 
-def load_per_request(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-request results -> (one summary row, the requests).
+def load_inference_perf_summary(paths: list[str | Path]) -> pd.DataFrame:
+    """inference-perf's aggregate files (`summary_lifecycle_metrics.json`, `stage_N_lifecycle_
+    metrics.json`), one row each. Its latencies are in seconds (its docs say ms; the JSON is s);
+    a statistic block has `mean`, `median` and `pNN` keys. TTFT, TPOT and ITL exist only for
+    streamed runs. Throughputs divide by `benchmark_time_seconds` (first start to last end)."""
+    rows = []
+    for p in map(Path, paths):
+        d = _json(p)
+        succ, load = d.get("successes") or {}, d.get("load_summary") or {}
+        lat, thr = succ.get("latency") or {}, succ.get("throughput") or {}
+        row = {"run_id": p.stem.removesuffix("_lifecycle_metrics"), "source": p.name,
+               "num_prompts": load.get("count"), "successful_requests": succ.get("count"),
+               "duration_s": d.get("benchmark_time_seconds"), "output_throughput": thr.get("output_tokens_per_sec"),
+               "request_throughput": thr.get("requests_per_sec")}
+        if "requested_rate" in load:
+            row["request_rate"] = load["requested_rate"]
+        for key, name in (("time_to_first_token", "ttft"), ("time_per_output_token", "tpot"),
+                          ("inter_token_latency", "itl"), ("request_latency", "e2e")):
+            stats = lat.get(key) or {}
+            for stat, col in (("mean", "mean"), ("median", "median"), ("p99", "p99")):
+                if stats.get(stat) is not None:
+                    row[f"{col}_{name}_ms"] = 1000 * float(stats[stat])
+        rows.append(row)
+    return check_table(pd.DataFrame(rows), ", ".join(Path(p).name for p in paths))
 
-    CSV columns: `arrival_s, input_len, output_len, ttft_ms, e2e_ms` (one request each), or
-    a vLLM `--save-detailed` JSON (`input_lens`, `output_lens`, `ttfts`, `itls`, and
-    `start_times` when present). The requests table can be replayed as a trace workload.
-    """
+
+def load_aiperf_summary(path: str | Path) -> pd.DataFrame:
+    """AIPerf's `profile_export_aiperf.json`: each metric a top-level block `{unit, avg, p50, p99,
+    ...}`. AIPerf's `inter_token_latency` is per request (latency - TTFT)/(tokens - 1), vLLM's TPOT;
+    the pooled gaps between chunks are `inter_chunk_latency`, vLLM's ITL."""
     path = Path(path)
-    if path.suffix == ".json":
-        d = json.loads(path.read_text())
-        need = ["input_lens", "output_lens", "ttfts", "itls"]
-        miss = [k for k in need if k not in d]
-        if miss:
-            raise TableError(f"{path.name}: not a --save-detailed result (missing {miss})")
-        ttft = np.asarray(d["ttfts"], dtype=float) * 1000
-        e2e = ttft + np.array([sum(x) for x in d["itls"]]) * 1000
-        starts = d.get("start_times") or [0.0] * len(ttft)
-        req = pd.DataFrame({"arrival_s": np.asarray(starts, float) - min(starts), "input_len": d["input_lens"],
-                            "output_len": d["output_lens"], "ttft_ms": ttft, "e2e_ms": e2e})
-    else:
-        req = pd.read_csv(path)
-        miss = [c for c in ("arrival_s", "input_len", "output_len", "ttft_ms", "e2e_ms") if c not in req.columns]
-        if miss:
-            raise TableError(f"{path.name}: missing column(s) {miss}")
-    for col in ("ttft_ms", "e2e_ms", "arrival_s"):
-        bad = pd.to_numeric(req[col], errors="coerce")
-        if bad.isna().any() or (bad < 0).any():
-            i = int(np.flatnonzero((bad.isna() | (bad < 0)).to_numpy())[0])
-            raise TableError(f"{path.name}: row {i + 1}, column {col}: {req[col].iloc[i]!r} is not a latency")
-        req[col] = bad
-    ok = req["output_len"] > 0
-    r = req[ok]
-    tpot = ((r["e2e_ms"] - r["ttft_ms"]) / (r["output_len"] - 1)).where(r["output_len"] > 1).dropna()
-    duration = float((r["arrival_s"] + r["e2e_ms"] / 1000).max())
-    summary = {
-        "run_id": path.stem, "source": path.name, "num_prompts": len(req), "successful_requests": int(ok.sum()),
-        "duration_s": duration, "total_input_tokens": int(r["input_len"].sum()),
-        "total_output_tokens": int(r["output_len"].sum()),
-        "output_throughput": float(r["output_len"].sum()) / duration,
-        "mean_ttft_ms": r["ttft_ms"].mean(), "median_ttft_ms": r["ttft_ms"].median(),
-        "p99_ttft_ms": float(np.percentile(r["ttft_ms"], 99)),
-        "mean_tpot_ms": tpot.mean(), "median_tpot_ms": tpot.median(),
-        "p99_tpot_ms": float(np.percentile(tpot, 99)) if len(tpot) else np.nan,
-        "mean_e2e_ms": r["e2e_ms"].mean(), "p99_e2e_ms": float(np.percentile(r["e2e_ms"], 99)),
-    }
-    return check_table(pd.DataFrame([summary]), path.name), req
+    d = _json(path)
+
+    def stat(key, s):
+        b = d.get(key)
+        return None if not isinstance(b, dict) or b.get(s) is None else float(b[s])
+
+    row = {"run_id": path.stem, "source": path.name, "num_prompts": stat("request_count", "avg"),
+           "duration_s": stat("benchmark_duration", "avg"), "output_throughput": stat("output_token_throughput", "avg"),
+           "request_throughput": stat("request_throughput", "avg")}
+    for key, name in (("time_to_first_token", "ttft"), ("inter_token_latency", "tpot"),
+                      ("inter_chunk_latency", "itl"), ("request_latency", "e2e")):
+        for s, col in (("avg", "mean"), ("p50", "median"), ("p99", "p99")):
+            v = stat(key, s)
+            if v is not None:
+                row[f"{col}_{name}_ms"] = v
+    cfg = d.get("input_config") or {}
+    phases = [ph for ph in cfg.get("phases") or [] if ph.get("kind", "profiling") == "profiling"]
+    load = cfg.get("loadgen") or {}
+    rate = phases[0].get("rate") if phases else load.get("request_rate")
+    conc = phases[0].get("concurrency") if phases else load.get("concurrency")
+    if rate is not None:
+        row["request_rate"] = float(rate)
+    if conc is not None:
+        row["max_concurrency"] = int(conc)
+    return check_table(pd.DataFrame([row]), path.name)
+
+
+def load_per_request(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A run's per-request results (any file `sim.traces.read_requests` reads) -> (one summary row
+    per load stage, the requests).
+
+    Each summary row carries `trace_path` (and `trace_stage` for a staged run), so its scenario
+    replays exactly its own requests at their recorded times; stages never overlap (a stage waits
+    for the one before it to end), so each is replayed on its own, its first request at time 0.
+    Metrics are the clients' (`sim.traces.summarize`) over the stage's requests."""
+    from sim.traces import TraceError, read_requests, summarize
+
+    path = Path(path)
+    try:
+        req = read_requests(path)
+    except TraceError as exc:
+        raise TableError(str(exc)) from None
+    staged = req["stage"].nunique() > 1
+    rows = []
+    for k, g in req.groupby("stage"):
+        g = g.assign(arrival_s=g["arrival_s"] - g["arrival_s"].min())
+        m = summarize(g)
+        rows.append({"run_id": f"{path.stem}-stage{k}" if staged else path.stem, "source": path.name,
+                     "trace_path": str(path.resolve()), "trace_stage": int(k) if staged else np.nan, **m})
+    return check_table(pd.DataFrame(rows), path.name), req
+
+
+def _is_mooncake(path: Path) -> bool:
+    if path.suffix != ".jsonl":
+        return False
+    first = next((ln for ln in path.read_text().splitlines() if ln.strip()), "")
+    try:
+        rec = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(rec, dict) and {"timestamp", "input_length"} <= set(rec)
+
+
+def _is_per_request_json(d) -> bool:
+    return (isinstance(d, dict) and "ttfts" in d and "input_lens" in d) or \
+        (isinstance(d, list) and (not d or isinstance(d[0], dict) and "start_time" in d[0]))
 
 
 def load_table(path: str | Path) -> pd.DataFrame:
     """Any of the formats above, by file type; a directory loads every file in it."""
     path = Path(path)
     if path.is_dir():
-        frames = [load_table(p) for p in sorted(path.iterdir()) if p.suffix in (".csv", ".json", ".jsonl")]
+        files = sorted(p for p in path.iterdir() if p.suffix in (".csv", ".json", ".jsonl"))
+        # inference-perf writes the per-request records beside its summary and stage files: the
+        # records are the run (one row per stage); the aggregate files are the same run again
+        if any(p.name.endswith("per_request_lifecycle_metrics.json") for p in files):
+            files = [p for p in files if not p.name.endswith("_lifecycle_metrics.json")
+                     or p.name.endswith("per_request_lifecycle_metrics.json")]
+        # AIPerf writes profile_export.jsonl beside its aggregates (profile_export_aiperf.*)
+        if any(p.name == "profile_export.jsonl" for p in files):
+            files = [p for p in files if not p.name.startswith("profile_export_aiperf")]
+        # a workload trace beside the results (AIPerf's --input-file) is not a measurement
+        files = [p for p in files if not _is_mooncake(p)]
+        frames = [load_table(p) for p in files]
         if not frames:
             raise TableError(f"{path}: no .csv, .json or .jsonl files")
         return pd.concat(frames, ignore_index=True)
     if not path.exists():
         raise TableError(f"{path}: file not found")
     if path.suffix == ".jsonl":
+        first = next((ln for ln in path.read_text().splitlines() if ln.strip()), "{}")
+        try:
+            rec = json.loads(first)
+        except json.JSONDecodeError as exc:
+            raise TableError(f"{path.name}: line 1 is not JSON ({exc})") from None
+        if isinstance(rec, dict) and "metadata" in rec and "metrics" in rec:  # AIPerf per-request records
+            return load_per_request(path)[0]
+        if isinstance(rec, dict) and {"timestamp", "input_length"} <= set(rec):
+            raise TableError(f"{path.name}: a Mooncake trace (arrivals and lengths, no measurements): replay it as "
+                             "a workload (dataset_name = \"trace\", trace_path) rather than fit on it")
         return load_sglang_jsonl(path)
     if path.suffix == ".json":
-        d = json.loads(path.read_text())
-        return load_per_request(path)[0] if "ttfts" in d and "input_lens" in d else load_vllm_json([path])
-    head = pd.read_csv(path, nrows=1)
-    if {"arrival_s", "ttft_ms", "e2e_ms"} <= set(head.columns):
+        d = _json(path)
+        if _is_per_request_json(d):
+            return load_per_request(path)[0]
+        if isinstance(d, dict) and "successes" in d and "load_summary" in d:
+            return load_inference_perf_summary([path])
+        if isinstance(d, dict) and "input_config" in d and ("time_to_first_token" in d or "request_latency" in d):
+            return load_aiperf_summary(path)
+        return load_vllm_json([path])
+    try:
+        head = pd.read_csv(path, nrows=1)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise TableError(f"{path.name}: not a CSV table ({'the file is empty' if path.stat().st_size == 0 else exc})") \
+            from None
+    if "arrival_s" in head.columns:
         return load_per_request(path)[0]
     return load_tidy_csv(path)

@@ -20,6 +20,7 @@ import pandas as pd
 
 from sim.profile import profiles_dir
 
+from .check import FitCheck, check_fit, check_markdown, identifiability_markdown
 from .fit import StepTimeFit
 from .splits import ROOT, Split, cases, load_split
 
@@ -34,9 +35,11 @@ class ValidationResult:
     summary: pd.DataFrame  # per metric: median/max APE over predicted rows, target, ok
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    fit_check: FitCheck | None = None  # the fit on its own training rows (calibration.check)
 
     @property
     def ok(self) -> bool:
+        """Every out-of-sample target met (the fit's own check is `fit_check.ok`)."""
         return not self.failures
 
 
@@ -53,7 +56,8 @@ def fitter_for(split: Split, processes: int | None = None, progress: bool = Fals
     """The fit a split asks for (model, hardware candidates, metrics, seeds, KV bounds), unfitted."""
     return StepTimeFit(model=split.model, hardware=split.hardware, tp=split.tp, metrics=split.metrics,
                        seeds=split.seeds, kv_bounds=split.kv_bounds, kv_prior=split.kv_prior_tokens(),
-                       by_simulation=split.fit_by_simulation, processes=processes, progress=progress)
+                       by_simulation=split.fit_by_simulation, fixed=dict(split.fixed), processes=processes,
+                       progress=progress)
 
 
 def validate(split_name: str, processes: int | None = None, progress: bool = True,
@@ -86,7 +90,8 @@ def validate(split_name: str, processes: int | None = None, progress: bool = Tru
             val = float(got.iloc[0]) if not got.empty else float("nan")
             failures.append(f"{split.name}: {rid} completed {val:.1f}, measured {measured} ± {tol}")
     summary = pd.DataFrame(rows)
-    res = ValidationResult(split, fitter, pred, summary, failures, time.perf_counter() - t0)
+    res = ValidationResult(split, fitter, pred, summary, failures, time.perf_counter() - t0,
+                           check_fit(fitter, train, pred=pred))
 
     if write_profile:
         prof = fitter.to_profile(split.profile, {
@@ -148,9 +153,7 @@ def write_report(res: ValidationResult, out: Path) -> None:
             "hardware listed and " + ("the KV capacity nearest the engine's memory formula" if f.kv_prior
                                       else "the smallest KV capacity (the least memory that explains the rows)")
             + "; that is a rule, not evidence."]
-    warns = f.warnings()
-    if warns:
-        lines += ["", "Warnings: " + "; ".join(warns)]
+    lines += [""] + check_markdown(res.fit_check) + [""] + identifiability_markdown(f)
     lines += ["", "## Every row", "", "| row | set | metric | measured | predicted | APE % |",
               "| --- | --- | --- | --- | --- | --- |"]
     p = res.predictions

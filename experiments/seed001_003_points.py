@@ -45,9 +45,11 @@ def main() -> None:
               f"(assumed; the article gives no length). {second.cached_tokens} tokens came from the radix cache.", "",
               "| send | measured TTFT (ms) | simulated TTFT (ms) |", "| --- | --- | --- |",
               f"| first (uncached) | ~1900 | {t1:.0f} |", f"| second (cached) | 430 | {t2:.0f} ({pct(t2, 430)}) |", "",
-              "The cache removes the prompt's compute, but the calibrated profile charges every TTFT a fixed "
-              "front-end latency and prefill-step overhead that the two fitted rows cannot separate from "
-              "per-token cost (both sit at their 0.5 s bounds), so the cached TTFT stays near 1 s.",
+              "The cache removes the prompt's compute. What is left of a TTFT is the fixed part (front end, "
+              "scheduling, a prefill step's overhead), which the split holds at 0: two measured numbers fit "
+              "two coefficients, and one 8k TTFT cannot separate a fixed part from prefill. The measured "
+              "cached TTFT (430 ms) says that part is a few hundred ms; the 16k and 32k TTFTs, over-predicted "
+              "by the same split, point the same way.",
               "", f"SGLang's default max_running_requests for this pool ({sc.engine.kv_cache_tokens} tokens, context "
               f"{sc.engine.max_model_len}): {sc.engine.max_running_requests}; the article's log said 78. "
               "The 0.4.4 formula floors the request pool at 2048, so 78 is not reproduced; the article's "

@@ -14,9 +14,9 @@ import pandas as pd
 
 from .config import ScenarioError, load_scenario
 from .engine import SimulationStuck
-from .metrics import format_report, result_json, sglang_result_json
+from .metrics import format_report, result_json, sglang_result_json, stage_table, traffic_lines
 from .runner import SimResult, simulate
-from .workload import WorkloadError
+from .workload import WorkloadError, trace_skipped
 
 
 def _result_json(res: SimResult, detailed: bool) -> dict:
@@ -91,13 +91,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"WARNING: step time uses {model.source}; latencies are illustrative, not predictions.")
         else:
             print(f"Step time: {model.source}")
-        w = sc.workload
-        print(f"Traffic request rate: {'inf' if math.isinf(w.request_rate) else w.request_rate}")
-        kind = "Poisson process" if w.burstiness == 1.0 else "Gamma distribution"
-        print(f"Burstiness factor: {w.burstiness} ({kind})")
-        print(f"Maximum request concurrency: {w.max_concurrency}")
+        for line in traffic_lines(res.bench.requests, sc.workload):
+            print(line)
+        if sc.workload.dataset_name == "trace":
+            skipped = trace_skipped(sc.workload.trace_path, sc.workload.trace_stage)
+            if skipped:
+                print(f"  ({skipped} requests the trace records as failed, with no length, are not replayed)")
     w = sc.workload
     print(format_report(res.bench, w.client, w.max_concurrency, w.request_rate))
+    if w.stages is not None and not args.quiet:
+        print(stage_table(res.bench.requests))
     if not args.quiet:
         hits = f", {res.prefix_hit_tokens} prompt tokens from the prefix cache" if res.prefix_hit_tokens else ""
         print(f"(simulated: {res.num_steps} engine steps, {res.num_preemptions} preemptions, "
@@ -139,43 +142,104 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(res.summary.to_string(index=False, float_format="%.1f"))
         for f in res.failures:
             print(f"MISSED: {f}")
-        failed += res.failures
+        for f in res.fit_check.failures:
+            print(f"POOR FIT: {f}")
+        failed += res.failures + ([] if args.allow_poor_fit else res.fit_check.failures)
     return 1 if failed else 0
 
 
-def _cmd_calibrate(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from calibration.fit import RowCase, SIM_KEY, StepTimeFit
+def _row_cases(table: str, rows: str | None, base_path: str):
+    """The measured rows of a table (any format calibration.tables reads), each with the scenario
+    that reproduces it: a per-request run replays its own requests; an aggregate row takes its
+    columns over the base scenario."""
+    from calibration.fit import SIM_KEY, RowCase
     from calibration.rows import row_to_scenario
     from calibration.tables import load_table
     from sim.config import _read_toml
-    from sim.profile import profiles_dir
 
-    df = load_table(args.table)
-    if args.rows:
-        df = df.query(args.rows)
+    df = load_table(table)
+    if rows:
+        df = df.query(rows)
     if df.empty:
-        raise ScenarioError(f"--rows {args.rows!r} selects no row of {args.table}")
-    base = _read_toml(Path(args.base))
+        raise ScenarioError(f"--rows {rows!r} selects no row of {table}")
+    base = _read_toml(Path(base_path))
     base.pop("step_time", None)
     cases = []
     for i, row in df.iterrows():
         measured = {m: float(row[m]) for m in SIM_KEY if m in row and not pd.isna(row[m])}
         cases.append(RowCase(str(row.get("run_id", i)), measured, row_to_scenario(row, base)))
+    return cases
+
+
+def _fixed(items: list[str] | None) -> dict:
+    out = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ScenarioError(f"--fix {item!r}: expected NAME=VALUE, e.g. frontend_latency_s=0.02") from None
+    return out
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from calibration.check import check_fit, check_markdown, format_check, identifiability_markdown
+    from calibration.fit import CALIBRATE_METRICS, StepTimeFit
+
+    cases = _row_cases(args.table, args.rows, args.base)
+    if args.metrics:
+        metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    else:
+        metrics = tuple(m for m in CALIBRATE_METRICS if any(m in c.measured for c in cases))
     kv = tuple(int(x) for x in args.kv_bounds.split(",")) if args.kv_bounds else None
     hw = args.hardware.split(",") if "," in args.hardware else args.hardware
-    fitter = StepTimeFit(model=args.model, hardware=hw, tp=args.tp, seeds=tuple(range(args.seeds)),
-                         kv_bounds=kv, processes=args.processes, progress=not args.no_progress)
+    fitter = StepTimeFit(model=args.model, hardware=hw, tp=args.tp, seeds=tuple(range(args.seeds)), metrics=metrics,
+                         kv_bounds=kv, fixed=_fixed(args.fix), processes=args.processes, progress=not args.no_progress)
     fitter.fit(cases)
-    out = Path(args.out) if args.out.endswith(".toml") else profiles_dir() / f"{args.out}.toml"
+    check = check_fit(fitter, cases)
+    out = Path(args.out) if args.out.endswith(".toml") else Path.cwd() / f"{args.out}.toml"
+    report = out.with_suffix(".report.md")
     prof = fitter.to_profile(out.stem, {"data_source": str(args.table), "rows_fitted": [c.row_id for c in cases],
-                                        "row_filter": args.rows or "all", "metrics_fitted": list(fitter.metrics)})
-    prof.save(out)
+                                        "row_filter": args.rows or "all", "metrics_fitted": list(fitter.metrics),
+                                        "fixed": fitter.fixed, "poor_fit": check.failures})
+    report.write_text("\n".join([f"# Calibration: {out.stem}", "", f"Data `{args.table}`, rows: "
+                                  f"{', '.join(c.row_id for c in cases)}. Model `{args.model}`, hardware "
+                                  f"`{fitter.hardware_}`, TP {args.tp}.", "", "```toml", prof.to_toml().rstrip(), "```",
+                                  "", *check_markdown(check), "", *identifiability_markdown(fitter)]) + "\n")
     print(prof.to_toml())
-    for w in fitter.warnings():
-        print(f"WARNING: {w}")
-    print(f"wrote {out}")
+    print(format_check(check))
+    if check.ok or args.allow_poor_fit:
+        prof.save(out)
+        print(f"wrote {out} and {report}")
+        return 0
+    print(f"servesim: error: poor fit, profile not written (see {report}); --allow-poor-fit writes it anyway",
+          file=sys.stderr)
+    return 1
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    """Every row of a measured table predicted from a profile, measured against predicted."""
+    from calibration.fit import SIM_KEY, StepTimeFit
+    from sim.profile import load_profile
+
+    prof = load_profile(args.profile)
+    cases = _row_cases(args.table, args.rows, args.base)
+    f = StepTimeFit(model=prof.model, hardware=prof.hardware, tp=prof.tp, seeds=tuple(range(args.seeds)),
+                    processes=args.processes, progress=not args.no_progress)
+    f.coeffs_, f.hardware_, f.kv_cache_tokens_ = prof.coeffs, prof.hardware, prof.kv_cache_tokens
+    pred = f.predict(cases)
+    wanted = [m.strip() for m in args.metrics.split(",")] if args.metrics else [m for m in SIM_KEY if m.endswith("_ms")
+                                                                                  or m.endswith("throughput")]
+    pred = pred[pred["metric"].isin(wanted)]
+    print(f"Profile {prof.name} ({prof.model} on {prof.hardware}, TP {prof.tp}): {len(cases)} rows of {args.table}")
+    with pd.option_context("display.width", 200, "display.max_rows", 10000):
+        print(pred.assign(error_pct=(pred.predicted - pred.measured) / pred.measured * 100)[
+            ["row_id", "metric", "measured", "predicted", "error_pct"]].to_string(index=False, float_format="%.2f"))
+    summary = pred.groupby("metric")["ape_pct"].agg(["median", "max"]).rename(
+        columns={"median": "median_ape_pct", "max": "max_ape_pct"})
+    print(summary.to_string(float_format="%.1f"))
+    if args.output:
+        pred.to_csv(args.output, index=False)
     return 0
 
 
@@ -264,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--processes", type=int, help="simulation processes (default: all cores)")
     v.add_argument("--no-profile", action="store_true", help="do not rewrite calibration/profiles/")
     v.add_argument("--no-progress", action="store_true", help="no progress bars")
+    v.add_argument("--allow-poor-fit", action="store_true",
+                   help="exit 0 even when a fit misses its own training rows by more than 25 %% or has a "
+                        "coefficient on a bound (targets missed still exit 1)")
     v.set_defaults(func=_cmd_validate)
 
     c = sub.add_parser(
@@ -281,10 +348,36 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(scheduler, version, KV capacity, client)")
     c.add_argument("--kv-bounds", help="LO,HI: fit the KV capacity (tokens) within these bounds")
     c.add_argument("--seeds", type=int, default=1, help="workload seeds averaged per row")
-    c.add_argument("--out", required=True, help="profile name (written to calibration/profiles/) or .toml path")
+    c.add_argument("--metrics", help="comma-separated metrics to fit (default: those of mean/p99 TTFT, TPOT and "
+                                     "E2E, median ITL and output throughput the rows have)")
+    c.add_argument("--fix", action="append", metavar="NAME=VALUE",
+                   help="hold a coefficient at a value instead of fitting it, e.g. frontend_latency_s=0.02")
+    c.add_argument("--out", required=True, help="profile name (writes NAME.toml and NAME.report.md in the working "
+                                                "directory) or a .toml path")
+    c.add_argument("--allow-poor-fit", action="store_true",
+                   help="write the profile even when a training metric is off by more than 25 %% or a "
+                        "coefficient sits on a bound (otherwise: exit 1, profile not written)")
     c.add_argument("--processes", type=int)
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_cmd_calibrate)
+
+    q = sub.add_parser(
+        "predict",
+        help="predict every row of a measured table from a profile, measured against predicted",
+        description="Simulate every row of a measured table (any format calibrate reads) with a profile's "
+                    "coefficients and print measured against predicted per row and metric, with the median and "
+                    "largest error per metric.",
+    )
+    q.add_argument("--profile", required=True, help="profile name (./NAME.toml or bundled) or .toml path")
+    q.add_argument("--table", required=True, help="measured results: file or directory")
+    q.add_argument("--rows", help="pandas query selecting rows, e.g. \"max_concurrency > 8\"")
+    q.add_argument("--base", required=True, help="scenario TOML with what the table does not say")
+    q.add_argument("--metrics", help="comma-separated metrics to show (default: all the rows have)")
+    q.add_argument("--seeds", type=int, default=1, help="workload seeds averaged per row")
+    q.add_argument("--output", metavar="CSV", help="also write the table as CSV")
+    q.add_argument("--processes", type=int)
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=_cmd_predict)
 
     w = sub.add_parser(
         "sweep",

@@ -1,8 +1,10 @@
 """Step-time profiles: a model spec, a hardware spec, TP and fitted coefficients, in TOML.
 
-`servesim calibrate` writes them under calibration/profiles/; a scenario refers to one by
-name (`[step_time] profile = "seed004-qwen72b-gptq"`). A profile may also state the KV
-capacity it was fitted with, which scenarios use when they do not state their own.
+`servesim calibrate --out NAME` writes `NAME.toml` in the working directory; `servesim validate`
+writes the bundled ones under calibration/profiles/. A scenario refers to one by name
+(`[step_time] profile = "seed004-qwen72b-gptq"`), found in the working directory first, then
+among the bundled ones, or by a path to its .toml. A profile may also state the KV capacity it
+was fitted with, which scenarios use when they do not state their own.
 """
 
 from __future__ import annotations
@@ -80,13 +82,23 @@ def _toml_value(v) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
-def load_profile(name_or_path: str) -> Profile:
+def find_profile(name_or_path: str) -> Path | None:
+    """A .toml path, else NAME.toml in the working directory, else a bundled profile."""
     p = Path(name_or_path)
-    if not (p.suffix == ".toml" and p.exists()):
-        p = profiles_dir() / f"{name_or_path}.toml"
-    if not p.exists():
+    if p.suffix == ".toml":
+        return p if p.exists() else None
+    for q in (Path.cwd() / f"{name_or_path}.toml", profiles_dir() / f"{name_or_path}.toml"):
+        if q.exists():
+            return q
+    return None
+
+
+def load_profile(name_or_path: str) -> Profile:
+    p = find_profile(name_or_path)
+    if p is None:
         known = sorted(q.stem for q in profiles_dir().glob("*.toml"))
-        raise ValueError(f"step_time.profile: no profile {name_or_path!r}; known: {', '.join(known) or 'none'}")
+        raise ValueError(f"step_time.profile: no profile {name_or_path!r} (no {name_or_path}.toml in the working "
+                         f"directory); bundled: {', '.join(known) or 'none'}")
     data = tomllib.loads(p.read_text())
     head = data.get("profile", {})
     try:
