@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from functools import partial
 from collections.abc import Callable
 from typing import Any
 
@@ -100,7 +101,7 @@ class BenchmarkClient:
         if not done.triggered:
             yield done
         polls = max(1, math.ceil(self.env.now - set_up - 1e-9))
-        set_up = set_up + polls + self.stage_interval_s
+        set_up = set_up + polls + (self.stage_interval_s or 0.0)
         if set_up + 1.0 > self.env.now:
             yield self.env.timeout(set_up + 1.0 - self.env.now)
         return set_up + 1.0, set_up
@@ -134,13 +135,13 @@ class BenchmarkClient:
     def _send(self, req: Request) -> None:
         req.start_s = self.env.now
         if self.request_timeout_s is not None:
-            self.env.timeout(self.request_timeout_s).callbacks.append(lambda _event, r=req: self._time_out(r))
+            self.env.timeout(self.request_timeout_s).callbacks.append(partial(self._time_out, req))
         self.in_flight += 1
         if self.in_flight > self.max_in_flight:
             self.max_in_flight = self.in_flight
         self.submit(req)
 
-    def _time_out(self, req: Request) -> None:
+    def _time_out(self, req: Request, _event: object = None) -> None:
         """No complete response within the timeout: the client counts a failure now (inference-
         perf: a TimeoutError, out of every latency statistic) and closes the connection, which
         the server answers by aborting the request and freeing its KV (sim.engine.Engine.abort)."""
