@@ -15,6 +15,11 @@ Cases:
                      at 10x, on four instances of the seed-004 engine.
   synthetic-1m       1,000,000 random requests, Poisson, vLLM V1 on Llama-2-7B / A100.
   synthetic-200k[-8x-output]  200,000 of them, and the same with 8x the output tokens at 1/8 the rate.
+  mooncake-100k      100,000 requests of a Mooncake-format trace with shared system prompts and growing
+                     conversations (benchmarks/mooncake_like.py draws it into a temporary file, not timed),
+                     at their timestamps on one Llama-3.1-8B / H100, vLLM V1 with prefix caching.
+  mooncake-conversation  the real Mooncake FAST'25 conversation trace, first 2,000 requests at 1/12 rate,
+                     on the same engine (scenarios/mooncake/vllm-v1.toml).
 
 Each case runs in a fresh process (so its peak memory is its own), `--repeat` times for the small
 ones, and reports the best wall time of `simulate()` (building the requests, simulating, computing the
@@ -32,10 +37,13 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from mooncake_like import write_trace  # noqa: E402
 VIDUR_BEST_WALL_S = 23.6  # Vidur on the same 2-core machine type (its event loop: 19.7 s)
 
 CASES: dict[str, tuple[str, list[str], int]] = {
@@ -52,7 +60,11 @@ CASES: dict[str, tuple[str, list[str], int]] = {
     "synthetic-200k-8x-output": ("scenarios/benchmarks/synthetic-1m.toml",
                                  ["workload.num_prompts=200000", "workload.random_output_len=1024",
                                   "workload.request_rate=1.5"], 1),
+    "mooncake-100k": ("scenarios/benchmarks/mooncake-100k.toml", [], 1),
+    "mooncake-conversation": ("scenarios/mooncake/vllm-v1.toml", [], 1),
 }
+# cases whose trace is drawn first (into a temporary directory; the drawing is not timed)
+GENERATED = {"mooncake-100k": lambda d: [f"workload.trace_path={write_trace(d / 'trace.jsonl')}"]}
 
 
 def run_one(name: str, compress: bool) -> dict:
@@ -64,6 +76,10 @@ def run_one(name: str, compress: bool) -> dict:
     from sim.runner import simulate
 
     path, overrides, repeats = CASES[name]
+    if name in GENERATED:
+        tmp = tempfile.TemporaryDirectory()
+        overrides = overrides + GENERATED[name](Path(tmp.name))
+        t0 = time.perf_counter()
     sc = load_scenario(ROOT / path, overrides)
     startup = time.perf_counter() - t0
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

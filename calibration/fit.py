@@ -542,7 +542,8 @@ def _digest(traces: list[Trace]) -> str:
     h = hashlib.sha256()
     for t in traces:
         fixed = t.fixed_start if t.fixed_start is not None else np.empty(0)
-        for a in (t.features, fixed, t.arrival_s, t.permit_from, t.follows, t.first_step, t.finished, t.end_step,
+        turns = [x if x is not None else np.empty(0) for x in (t.think_s, t.not_before_s)]
+        for a in (t.features, fixed, *turns, t.arrival_s, t.permit_from, t.follows, t.first_step, t.finished, t.end_step,
                   t.prompt_len, t.output_len, t.tok_step, t.tok_ptr,
                   np.array([t.frontend_latency_s, t.think_time_s, t.exact], dtype=float)):
             h.update(np.ascontiguousarray(a).tobytes())

@@ -51,6 +51,10 @@ class Trace:
     exact: bool  # the schedule cannot depend on step times: replay equals simulation
     frontend_latency_s: float = 0.0  # of the recorded run
     think_time_s: float = 0.0  # between a reply and the next turn
+    # per request, where a turn says its own: its think time (NaN: think_time_s) and the time it
+    # is not sent before (a recorded turn's timestamp, an inference-perf user's slot)
+    think_s: np.ndarray | None = None
+    not_before_s: np.ndarray | None = None
     timed_out: np.ndarray | None = None  # requests the client gave up on (request timeout), if any
     timeout_s: float = 0.0
     # steps after an idle period that no first-scheduled request explains: their recorded start
@@ -125,7 +129,20 @@ class Trace:
         latency, or a think time before the next turn."""
         lat = self.frontend_latency_s if frontend_latency_s is None else frontend_latency_s
         ix = self.index
-        return bool((ix.any_permit or ix.any_follow) and (lat > 0 or (ix.any_follow and self.think_time_s > 0)))
+        return bool((ix.any_permit or ix.any_follow) and (lat > 0 or (ix.any_follow and self._turns_wait())))
+
+    def _turns_wait(self) -> bool:
+        """Whether a later turn can be sent after its predecessor's end (not at that instant)."""
+        follow = self.follows >= 0
+        think = np.full(len(self.follows), self.think_time_s) if self.think_s is None else \
+            np.where(np.isnan(self.think_s), self.think_time_s, self.think_s)
+        late = np.zeros(len(self.follows), dtype=bool) if self.not_before_s is None else self.not_before_s > 0
+        return bool(np.any(follow & ((think > 0) | late)))
+
+    def turn_wait(self, i: int) -> tuple[float, float]:
+        """Request i's think time after its predecessor's end and the time it is not sent before."""
+        think = self.think_time_s if self.think_s is None or np.isnan(self.think_s[i]) else float(self.think_s[i])
+        return think, (0.0 if self.not_before_s is None else float(self.not_before_s[i]))
 
 
 def trace_from(res: SimResult) -> Trace:
@@ -170,6 +187,8 @@ def trace_from(res: SimResult) -> Trace:
         exact=False,
         frontend_latency_s=delay,
         think_time_s=sc.workload.think_time_s,
+        think_s=np.array([r.think_s for r in reqs]) if any(r.think_s == r.think_s for r in reqs) else None,
+        not_before_s=np.array([r.not_before_s for r in reqs]) if any(r.not_before_s for r in reqs) else None,
         fixed_start=fixed if np.isfinite(fixed).any() else None,
         timed_out=np.array([r.aborted for r in reqs]) if any(r.aborted for r in reqs) else None,
         timeout_s=sc.workload.request_timeout_s or 0.0,
@@ -255,7 +274,8 @@ def _walk(trace: Trace, c: np.ndarray, before: np.ndarray, lat: float) -> tuple[
         if done[i]:
             return start[i]
         if trace.follows[i] >= 0:
-            s = finish(int(trace.follows[i])) + trace.think_time_s
+            think, not_before = trace.turn_wait(i)
+            s = max(finish(int(trace.follows[i])) + think, not_before)
             if trace.permit_from[i] >= 0:
                 s = max(s, finish(int(trace.permit_from[i])))
             start[i], done[i] = s, True

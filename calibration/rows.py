@@ -24,7 +24,7 @@ def _num(row: pd.Series, col: str):
 _DATASET_KEYS = {"dataset_name", "num_prompts", "request_rate", "burstiness", "random_input_len", "random_output_len",
                  "random_range_ratio", "random_prefix_len", "turns", "think_time_s", "output_len_mean", "dataset_path",
                  "sharegpt_output_len", "lengths_max_tokens", "trace_path", "trace_time_scale", "trace_stage",
-                 "stages", "stage_arrivals", "stage_interval_s"}
+                 "stages", "stage_arrivals", "stage_interval_s", "shared_prefix"}
 
 
 def row_to_scenario(row: pd.Series, base: dict) -> dict:

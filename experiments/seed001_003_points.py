@@ -47,9 +47,21 @@ def main() -> None:
               f"| first (uncached) | ~1900 | {t1:.0f} |", f"| second (cached) | 430 | {t2:.0f} ({pct(t2, 430)}) |", "",
               "The cache removes the prompt's compute. What is left of a TTFT is the fixed part (front end, "
               "scheduling, a prefill step's overhead), which the split holds at 0: two measured numbers fit "
-              "two coefficients, and one 8k TTFT cannot separate a fixed part from prefill. The measured "
-              "cached TTFT (430 ms) says that part is a few hundred ms; the 16k and 32k TTFTs, over-predicted "
-              "by the same split, point the same way.",
+              "two coefficients, and one 8k TTFT cannot separate a fixed part from prefill. (An earlier split "
+              "that fitted a fixed part too over-predicted this cached TTFT, 1.04 s.)",
+              "",
+              "Why no fixed part fits every seed-001 point: with chunked prefill at 8192 tokens, the 8k, 16k "
+              "and 32k single-request TTFTs are F + c1, F + c1 + c2 and F + c1 + c2 + c3 + c4, where F is the "
+              "fixed part and chunk k costs c_k. A later chunk attends to more context, so it costs no less "
+              "than an earlier one (c1 <= c2). The measured series gives c2 = 5110 - 2940 = 2170 ms and "
+              "(c3 + c4) / 2 = (11780 - 5110) / 2 = 3335 ms, so c1 <= 2170 ms and F = 2940 - c1 >= 770 ms. "
+              "The cached TTFT is F plus a short prefill, so F <= 430 ms. No step-time model whose chunk cost "
+              "grows with context meets both: the 8k point holds at least 340 ms that the others do not (a "
+              "first request's one-off cost, or the spread of single measurements; the article reports one "
+              "run of each). The split keeps the 8k point with F = 0, so its first chunk carries all of it and "
+              "every later chunk costs more still: it over-predicts 16k and 32k by 23-33 % and under-predicts "
+              "the cached TTFT. A model held to both F <= 430 ms and the measured c2 would under-predict the 8k "
+              "point by at least 340 ms (12 %).",
               "", f"SGLang's default max_running_requests for this pool ({sc.engine.kv_cache_tokens} tokens, context "
               f"{sc.engine.max_model_len}): {sc.engine.max_running_requests}; the article's log said 78. "
               "The 0.4.4 formula floors the request pool at 2048, so 78 is not reproduced; the article's "

@@ -93,7 +93,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"Step time: {model.source}")
         for line in traffic_lines(res.bench.requests, sc.workload):
             print(line)
-        if sc.workload.dataset_name == "trace":
+        if sc.workload.dataset_name in ("trace", "mooncake"):
             skipped = trace_skipped(sc.workload.trace_path, sc.workload.trace_stage)
             if skipped:
                 print(f"  ({skipped} requests the trace records as failed, with no length, are not replayed)")
@@ -102,7 +102,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if w.stages is not None and not args.quiet:
         print(stage_table(res.bench.requests))
     if not args.quiet:
-        hits = f", {res.prefix_hit_tokens} prompt tokens from the prefix cache" if res.prefix_hit_tokens else ""
+        hits = (f", prefix cache hit rate {100 * res.prefix_hit_tokens / res.prefix_query_tokens:.1f} % "
+                f"({res.prefix_hit_tokens} of {res.prefix_query_tokens} prompt tokens looked up)"
+                if res.prefix_query_tokens else "")
         print(f"(simulated: {res.num_steps} engine steps, {res.num_preemptions} preemptions, "
               f"peak KV {res.peak_kv_blocks} blocks on the fullest instance{hits})")
     if args.output_timeseries:

@@ -18,7 +18,7 @@ from typing import Any
 
 import simpy
 
-from .request import Request
+from .request import Request, Status
 from .tokens import TokenStats
 
 
@@ -43,8 +43,9 @@ class BenchmarkClient:
         self.stage_interval_s = stage_interval_s
         self._stage_left: dict[int, int] = {}
         self._stage_done: dict[int, simpy.Event] = {}
+        self._stage_t0: dict[int, float] = {0: 0.0}  # when each stage's timer started
         if stage_interval_s is not None:
-            for r in self.requests:
+            for r in requests:  # later turns too: a stage ends when its conversations have
                 self._stage_left[r.stage] = self._stage_left.get(r.stage, 0) + 1
             self._stage_done = {k: env.event() for k in self._stage_left}
         self.next_turn = {r.follows: r for r in requests if r.follows >= 0}
@@ -82,6 +83,7 @@ class BenchmarkClient:
             if req.stage != stage:
                 t0, set_up = yield from self._next_stage(stage, set_up)
                 stage = req.stage
+                self._stage_t0[stage] = t0
             req.arrival_s += t0
             if req.arrival_s > env.now:
                 yield env.timeout(req.arrival_s - env.now)
@@ -116,14 +118,23 @@ class BenchmarkClient:
         return ev
 
     def _follow_up(self, prev: Request, req: Request):
-        """The next turn: the conversation so far (prompt and reply) plus a new message."""
-        yield self.env.timeout(self.think_time_s)
-        # a turn the client gave up on adds nothing to the conversation (inference-perf keeps the
-        # session's context as it was)
-        reply = 0 if prev.aborted else prev.output_len
-        req.prompt_len = prev.prompt_len + reply + req.new_message_len
-        req.segments = (*(prev.segments or ()), *(((prev.out_segment, reply),) if reply else ()),
-                        (2 * req.rid + 1, req.new_message_len))
+        """The next turn: the conversation so far (prompt and reply) plus a new message, sent a
+        think time after the reply, and a recorded turn not before its timestamp."""
+        think = self.think_time_s if req.think_s != req.think_s else req.think_s
+        req.not_before_s += self._stage_t0.get(req.stage, 0.0)  # from the stage's start, like arrival_s
+        yield self.env.timeout(max(think, req.not_before_s - self.env.now))
+        if req.new_message_len:  # otherwise its prompt was known in advance (a recorded turn)
+            if prev.aborted or prev.status is Status.FAILED:
+                # a failed turn adds nothing to the conversation: inference-perf restores the
+                # context it had before that turn (its message goes too)
+                later = prev.follows >= 0 and prev.new_message_len > 0
+                history = prev.prompt_len - prev.new_message_len if later else 0
+                segs = (prev.segments or ())[:-1] if later else ()
+            else:
+                history = prev.prompt_len + prev.output_len
+                segs = (*(prev.segments or ()), (prev.out_segment, prev.output_len))
+            req.prompt_len = history + req.new_message_len
+            req.segments = (*segs, (2 * req.rid + 1, req.new_message_len))
         req.arrival_s = self.env.now
         if self.max_concurrency:
             wait = self._take_permit()

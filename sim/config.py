@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .step_time import StepTimeParams
 
@@ -263,12 +263,39 @@ class StageConfig(_Strict):
         return int(self.rate * self.duration)
 
 
+class SharedPrefixConfig(_Strict):
+    """inference-perf's `data.shared_prefix` generator (its source, not its docs, where they differ):
+    `num_groups` system prompts, each with `num_prompts_per_group` questions; every prompt is its
+    group's system prompt followed by its own question. Its report's config.yaml writes the two
+    counts as `num_unique_system_prompts` and `num_users_per_system_prompt`: the same numbers
+    under other names, accepted here too (one name per count, as inference-perf insists)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    num_groups: int = Field(10, ge=1, validation_alias=AliasChoices("num_groups", "num_unique_system_prompts"))
+    num_prompts_per_group: int = Field(10, ge=1, validation_alias=AliasChoices("num_prompts_per_group",
+                                                                             "num_users_per_system_prompt"))
+    system_prompt_len: int = Field(100, ge=1, description="tokens (fixed lengths only; inference-perf also takes "
+                                   "a distribution)")
+    question_len: int = Field(50, ge=1)
+    output_len: int = Field(50, ge=1)
+    enable_multi_turn_chat: bool = Field(False, description="every (group, prompt) pair is a user who re-sends its "
+                                         "prompt after its whole conversation so far, each round")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name(cls, data):
+        for a, b in (("num_groups", "num_unique_system_prompts"), ("num_prompts_per_group", "num_users_per_system_prompt")):
+            if isinstance(data, dict) and a in data and b in data:
+                raise ValueError(f"give {a} or {b} (the same count), not both")
+        return data
+
+
 class WorkloadConfig(_Strict):
     client: Literal["vllm", "vllm-legacy", "sglang"] = Field(
         "vllm", description="vllm: `vllm bench serve` (>= 0.8); vllm-legacy: old benchmark_serving.py; "
         "sglang: python -m sglang.bench_serving"
     )
-    dataset_name: Literal["random", "sharegpt", "trace", "lengths"] = "random"
+    dataset_name: Literal["random", "sharegpt", "trace", "mooncake", "lengths", "shared_prefix"] = "random"
     num_prompts: int | None = Field(None, ge=1)
     request_rate: float = Field(math.inf, gt=0)
     burstiness: float = Field(1.0, gt=0)
@@ -302,6 +329,12 @@ class WorkloadConfig(_Strict):
     trace_time_scale: float = Field(1.0, gt=0)
     trace_stage: int | None = Field(None, ge=0, description="replay only this load stage of the recorded run, "
                                     "its first request at time 0")
+    shared_prefix: SharedPrefixConfig | None = Field(None, description="dataset_name 'shared_prefix' "
+                                                     "(inference-perf's data.shared_prefix)")
+    hash_block_tokens: int = Field(512, ge=1, description="mooncake: tokens per hash id (AIPerf's default block)")
+    session_timing: Literal["timestamp", "think"] = Field(
+        "timestamp", description="a recorded conversation's next turn: at its timestamp (never before the reply "
+        "to the turn before), or a think time after that reply")
     # inference-perf's load stages, run one after another (each waits for the one before to end)
     stages: list[StageConfig] | None = Field(None, min_length=1, description="inference-perf load.stages")
     stage_arrivals: Literal["constant", "poisson"] = Field(
@@ -318,8 +351,8 @@ class WorkloadConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.dataset_name == "trace" and not self.trace_path:
-            raise ValueError("dataset_name 'trace' needs trace_path")
+        if self.dataset_name in ("trace", "mooncake") and not self.trace_path:
+            raise ValueError(f"dataset_name '{self.dataset_name}' needs trace_path")
         if self.dataset_name == "lengths" and not self.dataset_path:
             raise ValueError("dataset_name 'lengths' needs dataset_path (a CSV of num_prefill_tokens, num_decode_tokens)")
         if self.client == "vllm" and self.random_range_ratio is not None and not self.random_range_ratio < 1:
@@ -335,12 +368,16 @@ class WorkloadConfig(_Strict):
                 raise ValueError("output_len_mean describes outputs ended by EOS; it contradicts ignore_eos = true")
             if self.dataset_name != "random":
                 raise ValueError("output_len_mean applies to the random dataset")
+        if self.dataset_name == "shared_prefix" and self.shared_prefix is None:
+            self.shared_prefix = SharedPrefixConfig()
+        if self.shared_prefix is not None and self.dataset_name != "shared_prefix":
+            raise ValueError("shared_prefix: its settings need dataset_name 'shared_prefix'")
         if self.turns > 1 and self.dataset_name != "random":
             raise ValueError("turns: multi-turn conversations are built from the random dataset")
-        if self.trace_stage is not None and self.dataset_name != "trace":
+        if self.trace_stage is not None and self.dataset_name not in ("trace", "mooncake"):
             raise ValueError("trace_stage selects a stage of a recorded run: it needs dataset_name 'trace'")
         if self.stages is not None:
-            if self.dataset_name == "trace":
+            if self.dataset_name in ("trace", "mooncake"):
                 raise ValueError("stages: a trace brings its own arrival times; stages need a dataset "
                                  "(random, sharegpt, lengths)")
             if not math.isinf(self.request_rate):
@@ -354,7 +391,7 @@ class WorkloadConfig(_Strict):
                 raise ValueError(f"num_prompts ({self.num_prompts}) contradicts the stages, which send "
                                  f"{sum(sizes)} requests (int(rate x duration) each); leave it unset")
             self.num_prompts = sum(sizes)
-        if self.num_prompts is None and self.dataset_name != "trace":
+        if self.num_prompts is None and self.dataset_name not in ("trace", "mooncake"):
             self.num_prompts = 1000
         return self
 

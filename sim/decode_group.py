@@ -111,7 +111,7 @@ class DecodeGroup:
         if not self.fresh:  # (always so without a prefix cache)
             return False
         size = self.cache.chunk_tokens
-        return any(r in self.info and not private(r) and len(r.kv_keys or ()) < r.prompt_len // size
+        return any(r in self.info and not private(r) and r.kv_chunks < r.prompt_len // size
                    for r in self.fresh)
 
     def blocks_due(self, steps: int = 1) -> int:

@@ -91,8 +91,8 @@ class KVCache:
         """Cached chunks a waiting request can reuse, and how many prompt tokens they cover."""
         if self.prefix is None:
             return [], 0
-        keys = self.prefix.lookup(req)
-        return keys, len(keys) * self.prefix.chunk_tokens
+        parts = self.prefix.lookup(req)
+        return parts, self.prefix.hit_chunks(parts) * self.prefix.chunk_tokens
 
     def allocate(self, req: Request, num_tokens: int, hit: list | None = None) -> bool:
         """Grow `req`'s blocks to hold `num_tokens` tokens; False (no change) if short.
@@ -101,19 +101,23 @@ class KVCache:
         as computed, and the blocks they take out of the free pool count against it.
         """
         if hit:
-            hit_blocks = len(hit) * self.prefix.chunk_blocks
+            chunks = self.prefix.hit_chunks(hit)
+            hit_blocks = chunks * self.prefix.chunk_blocks
             pinned = self.prefix.blocks_to_pin(hit)
             if self.blocks_for(num_tokens) - hit_blocks + pinned > self.num_free:
                 return False
             self.prefix.pin(req, hit)
             self.num_free -= pinned
             req.num_blocks += hit_blocks
-            req.num_computed = req.cached_tokens = len(hit) * self.prefix.chunk_tokens
+            req.num_computed = req.cached_tokens = chunks * self.prefix.chunk_tokens
         need = self.blocks_for(num_tokens) - req.num_blocks
-        if need <= 0:
-            return True
         if need > self.num_free:
             return False
+        if hit is not None and self.prefix is not None:
+            # an admission, its prompt looked up: vLLM's hit rate is hits / these queries
+            self.prefix.query_tokens += req.num_tokens
+        if need <= 0:
+            return True
         need = min(need + self.preallocate_blocks, self.num_free)
         if self.prefix:
             self.prefix.take(need)

@@ -55,7 +55,7 @@ def traffic_lines(requests: pd.DataFrame, w) -> list[str]:
     """What the run sent, for the report header. A Poisson/Gamma run says its rate and
     burstiness as vLLM's client does; a replayed trace or a staged run says what was replayed:
     requests, time span and mean rate, per stage."""
-    if w.dataset_name != "trace" and w.stages is None:
+    if w.dataset_name not in ("trace", "mooncake") and w.stages is None:
         kind = "Poisson process" if w.burstiness == 1.0 else "Gamma distribution"
         return [f"Traffic request rate: {'inf' if np.isinf(w.request_rate) else w.request_rate}",
                 f"Burstiness factor: {w.burstiness} ({kind})",

@@ -57,13 +57,16 @@ class Request:
     segments: tuple[tuple[int, int], ...] | None = None
     out_segment: int = -1
     kv_keys: list | None = None  # cached chunks this request references (see prefix_cache)
+    kv_chunks: int = 0  # of its chunks, how many the cache has accounted for (registered or hit)
     kv_run: int = 0  # a private request's own cached chunks it holds, counted (see prefix_cache)
     kv_by_chunk: bool = False  # a private request whose chunks are kept one by one after all
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at (last) admission
     # multi-turn: sent after request `follows` completes, its prompt extended by that turn's
     # prompt and reply (the client fills them in then)
     follows: int = -1
-    new_message_len: int = 0
+    new_message_len: int = 0  # 0 for a turn whose whole prompt is known in advance (a trace's)
+    think_s: float = math.nan  # pause after the previous turn's reply (NaN: the client's think time)
+    not_before_s: float = 0.0  # a recorded turn is not sent before its timestamp either
     # for exact replay (calibration)
     permit_from: int = -1  # rid of the request whose completion freed this one's permit (-1: none)
     end_step: int = -1  # for a request the scheduler rejected: engine steps completed when the client heard

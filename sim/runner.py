@@ -32,6 +32,7 @@ class SimResult:
     instance_steps: list | None = None  # recorded steps per instance (PD: prefill engines first)
     transfers: list | None = None  # PD: every KV transfer (request, link, start, end, bytes)
     prefix_hit_tokens: int = 0  # prompt tokens served from prefix caches instead of computed
+    prefix_query_tokens: int = 0  # prompt tokens looked up at admissions (hit rate = hits / queries)
     num_recomputes: int = 0  # vllm-ascend recompute scheduler: requests D sent back through P
     instance_kv_blocks: list | None = None  # KV pool of each instance (blocks)
     instance_gpus: list | None = None  # devices of each instance (its tensor-parallel degree)
@@ -104,7 +105,7 @@ def simulate(sc: Scenario, record_steps: bool = False, keep_token_times: bool | 
     for eng in dep.engines:
         cache = eng.scheduler.kv.prefix
         if cache is not None and (cache.free_blocks() != eng.scheduler.kv.num_free
-                                  or any(e.ref for e in cache.entries.values())):
+                                  or cache.referenced()):
             raise SimulationStuck(  # pragma: no cover - an invariant, checked on every run
                 "prefix cache out of step with the KV pool: "
                 f"{cache.free_blocks()} blocks queued, {eng.scheduler.kv.num_free} free")
@@ -134,6 +135,7 @@ def simulate(sc: Scenario, record_steps: bool = False, keep_token_times: bool | 
         instance_steps=[g.steps for g in engines] if record_steps else None,
         transfers=dep.transfers if pd else None,
         prefix_hit_tokens=sum(c.hit_tokens for c in caches),
+        prefix_query_tokens=sum(c.query_tokens for c in caches),
         num_recomputes=sum(g.scheduler.num_recomputes for g in engines),
         instance_kv_blocks=[g.scheduler.kv.num_blocks for g in engines],
         instance_gpus=[getattr(g.step_model, "tp", 1) for g in engines],

@@ -11,12 +11,22 @@
     itl_ms      the request's inter-token gaps (a list), where the file has them, else None
     stage       the load stage the request belongs to (0 in a single-stage run)
     hash_ids    Mooncake traces: the prompt's content as block hashes (a list), else None
+    prefix_group, prefix_len   a shared prefix: requests of one group share their first prefix_len
+                tokens (-1 / 0 where the file has none)
+    session_id, turn   multi-turn conversations: turn k + 1's prompt holds turn k's prompt and
+                reply (session_id -1 where the file has none)
+    delay_ms    a turn's think time after the previous turn's reply, where the file says (AIPerf's
+                `delay`), else NaN
+    hash_delta  a later turn of an AIPerf Mooncake session: its input_length and hash_ids are the new
+                message that follows the conversation so far, not the whole prompt
     failed_after_ms  a failed request: how long after it was sent it failed, where the file says
 
 Formats, recognised by name and content:
 - CSV: servesim's `--output-requests` (`arrival_s, prompt_len, output_len, ttft_s, e2el_s, ...`) or
   the tidy per-request CSV (`arrival_s, input_len, output_len, ttft_ms, e2e_ms[, success, stage]`);
-  an Azure LLM trace (`TIMESTAMP, ContextTokens, GeneratedTokens`): arrivals and lengths only.
+  an Azure LLM trace (`TIMESTAMP, ContextTokens, GeneratedTokens`) or BurstGPT (`Timestamp, Model,
+  Request tokens, Response tokens, Total tokens, Log Type`; 0 response tokens marks a failure):
+  arrivals and lengths only.
 - JSON: `vllm bench serve --save-detailed` (`input_lens, output_lens, ttfts, itls[, start_times,
   errors]`); inference-perf's `per_request_lifecycle_metrics.json` (a list of `start_time,
   end_time, request, response, info, error`), split into stages with the `stage_N_lifecycle_
@@ -42,7 +52,8 @@ class TraceError(ValueError):
 
 
 COLUMNS = ["arrival_s", "input_len", "output_len", "success", "ttft_ms", "e2e_ms", "tpot_ms", "itl_ms", "stage",
-           "hash_ids", "failed_after_ms"]
+           "hash_ids", "failed_after_ms", "prefix_group", "prefix_len", "session_id", "turn", "delay_ms",
+           "hash_delta"]
 
 
 def read_requests(path: str | Path) -> pd.DataFrame:
@@ -78,6 +89,11 @@ def _read_csv(path: Path) -> pd.DataFrame:
             pd.to_datetime(ts).astype("int64").to_numpy() / 1e9
         return pd.DataFrame({"arrival_s": t, "input_len": raw[cols["contexttokens"]],
                              "output_len": raw[cols["generatedtokens"]]})
+    if {"timestamp", "request tokens", "response tokens"} <= set(cols):  # BurstGPT
+        # its failed requests are the rows with 0 response tokens (BurstGPT's README)
+        out = pd.to_numeric(raw[cols["response tokens"]], errors="coerce")
+        return pd.DataFrame({"arrival_s": raw[cols["timestamp"]], "input_len": raw[cols["request tokens"]],
+                             "output_len": out, "success": out > 0})
     if "arrival_s" in raw.columns:
         df = pd.DataFrame({"arrival_s": raw["arrival_s"]})
         df["input_len"] = _first(raw, path, "input_len", "prompt_len")
@@ -91,8 +107,9 @@ def _read_csv(path: Path) -> pd.DataFrame:
                 df[f"{name}_ms"] = pd.to_numeric(raw[s[0]], errors="coerce") * 1000
         if "success" in raw.columns:
             df["success"] = raw["success"].astype(str).str.lower().isin(["true", "1"])
-        if "stage" in raw.columns:
-            df["stage"] = raw["stage"]
+        for col in ("stage", "prefix_group", "prefix_len", "session_id", "turn", "delay_ms"):
+            if col in raw.columns:
+                df[col] = raw[col]
         return df
     raise TraceError(f"{path}: a per-request CSV needs columns arrival_s, input_len (or prompt_len), output_len "
                      f"(and ttft_ms, e2e_ms to calibrate on), or an Azure trace's TIMESTAMP, ContextTokens, "
@@ -204,7 +221,7 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     first = lines[0]
     if isinstance(first, dict) and "metadata" in first and "metrics" in first:
         return _aiperf(lines, path)
-    if isinstance(first, dict) and {"timestamp", "input_length", "output_length"} <= set(first):
+    if isinstance(first, dict) and {"timestamp", "input_length"} <= set(first):
         return _mooncake(lines, path)
     raise TraceError(f"{path}: neither AIPerf's profile_export.jsonl (metadata, metrics, error) nor a Mooncake "
                      "trace (timestamp, input_length, output_length, hash_ids)")
@@ -247,15 +264,34 @@ def _aiperf(lines: list, path: Path) -> pd.DataFrame:
 
 def _mooncake(lines: list, path: Path) -> pd.DataFrame:
     """A Mooncake trace: `timestamp` (ms), `input_length`, `output_length`, `hash_ids` (one id per
-    block of the prompt; a shared leading run of ids is a shared prefix)."""
+    block of the prompt; a shared leading run of ids is a shared prefix). AIPerf's extension:
+    `session_id` makes rows turns of one conversation, in file order, and a later turn may give
+    a `delay` (ms after the previous turn's reply) instead of a `timestamp`."""
+    sessions: dict = {}
+    rows = []
     for n, r in enumerate(lines, 1):
-        miss = [k for k in ("timestamp", "input_length", "output_length") if k not in r]
-        if miss:
-            raise TraceError(f"{path}: line {n} lacks {miss}")
-    return pd.DataFrame({"arrival_s": [float(r["timestamp"]) / 1000 for r in lines],
-                         "input_len": [r["input_length"] for r in lines],
-                         "output_len": [r["output_length"] for r in lines],
-                         "hash_ids": [list(r.get("hash_ids") or []) for r in lines]})
+        if not isinstance(r, dict) or "input_length" not in r:
+            raise TraceError(f"{path}: line {n} lacks input_length")
+        sid = r.get("session_id")
+        turn = sessions[sid] = sessions.get(sid, -1) + 1 if sid is not None else 0
+        t = r.get("timestamp")
+        if t is None and (sid is None or turn == 0):
+            raise TraceError(f"{path}: line {n} lacks timestamp (only a later turn of a session may leave it out)")
+        if "output_length" not in r:
+            raise TraceError(f"{path}: line {n} lacks output_length (the simulator needs each request's output)")
+        h = r.get("hash_ids") or []
+        if not isinstance(h, list):
+            raise TraceError(f"{path}: line {n}, hash_ids: {h!r} is not a list of block ids")
+        rows.append((t, r["input_length"], r["output_length"], h,
+                     sid, turn, r.get("delay")))
+    df = pd.DataFrame(rows, columns=["timestamp", "input_len", "output_len", "hash_ids", "session_id", "turn",
+                                     "delay_ms"])
+    t = pd.to_numeric(df["timestamp"], errors="coerce")
+    if df["session_id"].notna().any():  # a later turn without a timestamp: sent after the one before
+        t = t.fillna(t.groupby(df["session_id"]).ffill())
+    df["arrival_s"] = t / 1000
+    df["hash_delta"] = df["session_id"].notna() & (df["turn"] > 0)
+    return df.drop(columns="timestamp").sort_values("arrival_s", kind="stable").reset_index(drop=True)
 
 
 # --- common ------------------------------------------------------------------------------------
@@ -282,9 +318,23 @@ def _finish(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     for col in ("itl_ms", "hash_ids"):
         if col not in df.columns:
             df[col] = None
-    if "stage" not in df.columns:
-        df["stage"] = 0
-    df["stage"] = pd.to_numeric(df["stage"], errors="coerce").fillna(0).astype("int64")
+    for col, default in (("stage", 0), ("prefix_group", -1), ("prefix_len", 0), ("session_id", -1), ("turn", 0)):
+        if col not in df.columns:
+            df[col] = default
+        num = pd.to_numeric(df[col], errors="coerce")
+        if col != "stage" and (num.isna() & df[col].notna()).any():  # ids may be names: number them
+            num = pd.Series(pd.factorize(df[col])[0], index=df.index).where(df[col].notna(), np.nan)
+        df[col] = num.fillna(default).astype("int64")
+    if ((df["prefix_group"] >= 0) & (df["prefix_len"] < 1)).any() or (df["prefix_len"] > df["input_len"]).any():
+        i = int(np.flatnonzero((((df["prefix_group"] >= 0) & (df["prefix_len"] < 1))
+                                | (df["prefix_len"] > df["input_len"])).to_numpy())[0])
+        raise TraceError(f"{path}: request {i + 1}, prefix_len: {df['prefix_len'].iloc[i]} must be at least 1 for a "
+                         f"request in a prefix group and at most its input_len ({df['input_len'].iloc[i]})")
+    if "hash_delta" not in df.columns:
+        df["hash_delta"] = False
+    if "delay_ms" not in df.columns:
+        df["delay_ms"] = np.nan
+    df["delay_ms"] = pd.to_numeric(df["delay_ms"], errors="coerce").astype(float)
     for col in ("ttft_ms", "e2e_ms"):
         neg = df[col] < 0
         if neg.any():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 
 import math
 import random
@@ -188,6 +189,14 @@ def load_trace(path: str, num_prompts: int | None, time_scale: float,
 
     `stage`: only that load stage, its first request at time 0. Requests the file records as
     failed without saying how long they were cannot be replayed; `trace_skipped` counts them."""
+    df, t = trace_table(path, num_prompts, time_scale, stage)
+    return list(map(Sample, df["input_len"].tolist(), df["output_len"].tolist())), t
+
+
+def trace_table(path: str, num_prompts: int | None, time_scale: float,
+                stage: int | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """`load_trace`'s requests as `sim.traces` rows (with their prefix and session columns), and
+    their arrival times."""
     from .traces import TraceError, read_requests
 
     try:
@@ -207,14 +216,13 @@ def load_trace(path: str, num_prompts: int | None, time_scale: float,
     t = (t - t[0]) * time_scale
     if np.any(np.diff(t) < 0):
         raise WorkloadError(f"workload.trace_path: {path}: arrival times must not decrease")
-    samples = list(map(Sample, df["input_len"].tolist(), df["output_len"].tolist()))
-    bad = [k for k, s in enumerate(samples) if s.prompt_len < 1 or s.output_len < 1]
-    if bad:
+    bad = np.flatnonzero((df["input_len"].to_numpy() < 1) | (df["output_len"].to_numpy() < 1))
+    if len(bad):
         raise WorkloadError(
             f"workload.trace_path: request {bad[0] + 1} has a prompt or output length below 1 "
             "(a request must have at least one prompt token and ask for one output token)"
         )
-    return samples, t
+    return df, t
 
 
 def trace_skipped(path: str, stage: int | None = None) -> int:
@@ -294,7 +302,7 @@ def build_requests(w) -> list[Request]:
     # The old client also draws random-dataset lengths from it; `vllm bench serve` uses
     # its own np.random.default_rng(seed) for them.
     rs = np.random.RandomState(w.seed)
-    times = None
+    times = table = None
     # staged: every stage asks the dataset from its start, so the largest stage's count is drawn
     n_draw = max(st.num_requests for st in w.stages) if w.stages else w.num_prompts
     if w.dataset_name == "sharegpt":
@@ -305,10 +313,17 @@ def build_requests(w) -> list[Request]:
             rs if legacy else np.random.default_rng(w.seed), n_draw, w.random_input_len, w.random_output_len,
             w.resolved_range_ratio, w.random_prefix_len, legacy, sglang=w.client == "sglang",
         )
+    elif w.dataset_name == "shared_prefix":
+        sp = w.shared_prefix
+        samples = [Sample(sp.system_prompt_len + sp.question_len, sp.output_len)] * n_draw
     elif w.dataset_name == "lengths":
         samples = sample_lengths(w.dataset_path, n_draw, w.seed, w.lengths_max_tokens)
     else:
-        samples, times = load_trace(w.trace_path, w.num_prompts, w.trace_time_scale, w.trace_stage)
+        table, times = trace_table(w.trace_path, w.num_prompts, w.trace_time_scale, w.trace_stage)
+        if w.dataset_name == "mooncake" and table["hash_ids"].isna().all():
+            raise WorkloadError(f"workload.trace_path: {w.trace_path} is not a Mooncake trace (no hash_ids); "
+                                "use dataset_name = 'trace' for a per-request file")
+        samples = list(map(Sample, table["input_len"].tolist(), table["output_len"].tolist()))
     stage_of = None
     if w.stages is not None:
         # every stage asks the dataset from its start again (inference-perf restarts its data
@@ -339,7 +354,41 @@ def build_requests(w) -> list[Request]:
     # every prompt is named, so a preempted request can find its own freed blocks again
     _add_segments(reqs, w.random_prefix_len if w.dataset_name == "random" else 0,
                   w.turns if w.dataset_name == "random" else 1)
+    if table is not None:
+        trace_content(reqs, table, times, w.hash_block_tokens, w.session_timing)
+    if w.dataset_name == "shared_prefix":
+        shared_prefix_content(reqs, w.shared_prefix, np.random.default_rng([w.seed, 3]))
     return reqs
+
+
+def shared_prefix_content(reqs: list[Request], sp, rng: np.random.Generator) -> None:
+    """inference-perf's shared-prefix data: the num_groups × num_prompts_per_group prompts (a
+    group's system prompt, then the prompt's own question) are shuffled once, and the k-th request
+    of a stage sends prompt k mod N of that order (the data index restarts every stage).
+
+    Multi-turn chat: each of the N prompts is a user; its next request (N later) is sent at its
+    own slot, or when the previous one completes if that is later (a user has one request in
+    flight; the wait is not in its latency), and its text is the conversation so far (every
+    earlier prompt and reply of that user) followed by the prompt again. The conversation ends
+    with the stage. Lengths are fixed, so only the order of the groups is drawn (with its own
+    seeded generator; inference-perf's own draws cannot be reproduced without its text)."""
+    n = sp.num_groups * sp.num_prompts_per_group
+    order = rng.permutation(n).tolist()
+    base = 2 * len(reqs) + 1
+    sys_len, q_len = sp.system_prompt_len, sp.question_len
+    index: dict[int, int] = {}  # stage -> its next data index
+    user_last: dict[tuple[int, int], Request] = {}
+    for r in reqs:
+        k = index.get(r.stage, 0)
+        index[r.stage] = k + 1
+        p = order[k % n]
+        g = p // sp.num_prompts_per_group
+        prev = user_last.get((r.stage, p)) if sp.enable_multi_turn_chat else None
+        if prev is None:
+            r.segments = ((base + g, sys_len), (base + sp.num_groups + p, q_len))
+        else:  # the client builds its prompt when the turn before completes
+            r.follows, r.new_message_len, r.think_s, r.not_before_s = prev.rid, sys_len + q_len, 0.0, r.arrival_s
+        user_last[(r.stage, p)] = r
 
 
 def _add_segments(reqs: list[Request], prefix_len: int, turns: int) -> None:
@@ -355,3 +404,91 @@ def _add_segments(reqs: list[Request], prefix_len: int, turns: int) -> None:
         if turns > 1 and r.rid % turns:
             r.follows = r.rid - 1
             r.new_message_len = own
+
+
+def trace_content(reqs: list[Request], df: pd.DataFrame, times: np.ndarray, block_tokens: int,
+                  session_timing: str) -> None:
+    """What a trace says the prompts share, as segments (see `sim.prefix_cache`), and its
+    conversations as turns the client sends after the turn before.
+
+    - Mooncake `hash_ids`: id j stands for tokens [j·block_tokens, (j+1)·block_tokens) of the
+      prompt (the last block may be partial; tokens past the last id are the request's own). A
+      block is the same content only after the same blocks before it, as a chained hash says,
+      so each id is named together with its parent's name.
+    - `prefix_group`, `prefix_len`: the group's first prefix_len tokens are one content.
+    - `session_id`, `turn`: turn k + 1's prompt is turn k's prompt, its reply and a new message
+      of the rest of its recorded length (a recorded prompt shorter than that history shares
+      what fits of it, all but its last token). In an AIPerf Mooncake session a later turn's
+      `input_length` and `hash_ids` are the new message itself (AIPerf's default context mode
+      for such traces): its prompt is the conversation so far, then those blocks.
+      A turn is sent after the reply to the one before: the file's `delay` after it where
+      there is one (AIPerf), else at its recorded time when that is later (`session_timing =
+      "timestamp"`), or a think time after the reply (`"think"`: the recorded gap between the
+      reply's end and the send, else `workload.think_time_s`).
+    """
+    ids = itertools.count(2 * len(reqs) + 1)  # past every request's own ids (2·rid + 1, 2·rid + 2)
+    chain: dict[tuple[int, object], int] = {}
+    groups: dict[int, int] = {}
+    hashes = df["hash_ids"].tolist()
+    group, plen = df["prefix_group"].to_numpy(), df["prefix_len"].to_numpy()
+    for r, h, g, n in zip(reqs, hashes, group.tolist(), plen.tolist()):
+        if h:
+            segs, parent, pos = [], -1, 0
+            for x in h:
+                if pos >= r.prompt_len:
+                    break
+                parent = chain.setdefault((parent, x), next(ids))
+                segs.append((parent, min(block_tokens, r.prompt_len - pos)))
+                pos += block_tokens
+            if pos < r.prompt_len:
+                segs.append((2 * r.rid + 1, r.prompt_len - pos))
+            r.segments = tuple(segs)
+        elif g >= 0:
+            gid = groups.setdefault(g, next(ids))
+            r.segments = ((gid, n), (2 * r.rid + 1, r.prompt_len - n)) if n < r.prompt_len else ((gid, n),)
+    sessions = df["session_id"].to_numpy()
+    if not (sessions >= 0).any():
+        return
+    pos_of = np.arange(len(reqs))
+    order = np.lexsort((pos_of, df["turn"].to_numpy(), sessions))
+    e2e, delay = df["e2e_ms"].to_numpy() / 1000, df["delay_ms"].to_numpy() / 1000
+    delta = df["hash_delta"].to_numpy()
+    prev = -1
+    for i in order.tolist():
+        if sessions[i] < 0:
+            continue
+        if prev < 0 or sessions[prev] != sessions[i]:
+            prev = i
+            continue
+        a, b = reqs[prev], reqs[i]
+        a.segments = _segs(a)  # named: not a private request, its chunks are the next turn's
+        b.follows = a.rid
+        if delay[i] == delay[i]:  # the file says how long after the reply
+            b.think_s = max(float(delay[i]), 0.0)
+        elif session_timing == "timestamp":
+            b.not_before_s = float(times[i])
+        else:
+            gap = times[i] - times[prev] - e2e[prev]
+            b.think_s = max(float(gap), 0.0) if gap == gap else math.nan
+        if delta[i]:  # AIPerf: the conversation so far, then this turn's blocks as a new message
+            b.new_message_len = b.prompt_len
+        elif not hashes[i]:  # the conversation so far is its prompt's prefix
+            history = (*_segs(a), (a.out_segment, a.max_tokens))
+            shared = min(a.prompt_len + a.max_tokens, b.prompt_len - 1)
+            b.segments = (*_cut(history, shared), (2 * b.rid + 1, b.prompt_len - shared))
+        prev = i
+
+
+def _segs(r: Request) -> tuple[tuple[int, int], ...]:
+    return r.segments if r.segments is not None else ((r.out_segment - 1, r.prompt_len),)
+
+
+def _cut(segs: tuple[tuple[int, int], ...], n: int) -> list[tuple[int, int]]:
+    """The first `n` tokens of a content."""
+    out, pos = [], 0
+    for seg, length in segs:
+        if pos >= n:
+            break
+        out.append((seg, min(length, n - pos)))
+        pos += length
+    return out

@@ -176,7 +176,8 @@ def test_decode_engine_wakes_when_a_one_token_request_frees_its_preallocated_kv(
     KV lands (P's token is its only one) and frees that memory. A request waiting on D for
     exactly that memory (preempted, needing its whole context back) must be planned again then;
     before, the idle D engine was not woken and the run ended in SimulationStuck (found by the
-    random invariant test, kept as a regression test)."""
+    random invariant test, kept as a regression test; since a failed turn's message leaves the
+    conversation, workload seed 134 is one that ends stuck without that wake-up)."""
     data = {
         "kv_transfer": {"latency_s": 0.0, "bandwidth_gbps": 1e-6, "layerwise": False, "bytes_per_token": 1.0},
         "engine": {"scheduler": "vllm-v1", "enable_chunked_prefill": False, "block_size": 1, "max_model_len": 315,
@@ -186,7 +187,7 @@ def test_decode_engine_wakes_when_a_one_token_request_frees_its_preallocated_kv(
                        "reserved_decode_tokens": 0, "router": "round_robin"},
         "workload": {"dataset_name": "random", "client": "vllm-legacy", "num_prompts": 10, "random_input_len": 210,
                      "random_output_len": 32, "random_range_ratio": 0.0, "request_rate": "inf", "burstiness": 0.5,
-                     "seed": 131, "random_prefix_len": 0, "turns": 2},
+                     "seed": 134, "random_prefix_len": 0, "turns": 2},
         "step_time": {"step_overhead_s": 0.001, "per_prefill_token_s": 1e-4, "per_decode_seq_s": 1e-4,
                       "per_decode_ctx_token_s": 1e-7},
     }
