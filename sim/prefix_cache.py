@@ -48,7 +48,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
-from .request import Request
+from .request import Request, Status
 
 _NO_END = 1 << 62  # generated tokens: a segment without an end
 
@@ -148,6 +148,8 @@ class PrefixCache:
         i = 0
         for seg, a, b in self.seg_chunks(req):
             b = min(b, limit)
+            if i < b and seg not in self.extents:
+                return parts
             while i < b:
                 ext = self._containing(seg, i)
                 if ext is None:
@@ -240,15 +242,17 @@ class PrefixCache:
             if b <= i:
                 continue
             b = min(b, stop)
+            exts = self.extents.get(seg)
             while i < b:
-                ext = self._containing(seg, i)
-                if ext is not None:  # computed again: this request's copies are its own
-                    i = min(ext.top, b)
-                    continue
                 j = b
-                for other in self.extents.get(seg, ()):
-                    if i < other.start < j:
-                        j = other.start
+                if exts:  # (most new chunks are of a segment nobody has cached yet)
+                    ext = self._containing(seg, i)
+                    if ext is not None:  # computed again: this request's copies are its own
+                        i = min(ext.top, b)
+                        continue
+                    for other in exts:
+                        if i < other.start < j:
+                            j = other.start
                 last = held[-1] if held else None
                 if last is not None and last[0].seg == seg and last[0].top == i and last[1] == i:
                     ext = last[0]  # it holds its extent up to the top: it grows
@@ -259,7 +263,9 @@ class PrefixCache:
                 else:
                     ext = Extent(seg, i, j)
                     ext.hold(j)
-                    self.extents.setdefault(seg, []).append(ext)
+                    if exts is None:
+                        exts = self.extents[seg] = []
+                    exts.append(ext)
                     held.append([ext, j])
                 i = j
             if i >= stop:
@@ -323,7 +329,9 @@ class PrefixCache:
         then its cached chunks, last chunk first, as they lose their last reference. Returns
         how many blocks became free (a chunk another request still uses does not)."""
         cb = self.chunk_blocks
-        self.register(req, generated=True)
+        if req.has_next_turn or req.status is not Status.FINISHED:
+            # (a finished reply no later turn holds is never looked up: its blocks are plain free ones)
+            self.register(req, generated=True)
         if private(req):
             run = req.kv_run * cb
             self.give(req.num_blocks - run)

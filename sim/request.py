@@ -64,6 +64,7 @@ class Request:
     # multi-turn: sent after request `follows` completes, its prompt extended by that turn's
     # prompt and reply (the client fills them in then)
     follows: int = -1
+    has_next_turn: bool = False  # a later turn holds its reply (set when the workload is built)
     new_message_len: int = 0  # 0 for a turn whose whole prompt is known in advance (a trace's)
     think_s: float = math.nan  # pause after the previous turn's reply (NaN: the client's think time)
     not_before_s: float = 0.0  # a recorded turn is not sent before its timestamp either

@@ -358,6 +358,9 @@ def build_requests(w) -> list[Request]:
         trace_content(reqs, table, times, w.hash_block_tokens, w.session_timing)
     if w.dataset_name == "shared_prefix":
         shared_prefix_content(reqs, w.shared_prefix, np.random.default_rng([w.seed, 3]))
+    for r in reqs:
+        if r.follows >= 0:
+            reqs[r.follows].has_next_turn = True  # (rid is the index)
     return reqs
 
 
@@ -433,14 +436,18 @@ def trace_content(reqs: list[Request], df: pd.DataFrame, times: np.ndarray, bloc
     group, plen = df["prefix_group"].to_numpy(), df["prefix_len"].to_numpy()
     for r, h, g, n in zip(reqs, hashes, group.tolist(), plen.tolist()):
         if h:
-            segs, parent, pos = [], -1, 0
-            for x in h:
-                if pos >= r.prompt_len:
-                    break
-                parent = chain.setdefault((parent, x), next(ids))
-                segs.append((parent, min(block_tokens, r.prompt_len - pos)))
-                pos += block_tokens
-            if pos < r.prompt_len:
+            segs, parent = [], -1
+            n = min(len(h), -(-r.prompt_len // block_tokens))  # ids past the prompt's end name nothing
+            for x in h[:n]:
+                key = (parent, x)
+                parent = chain.get(key, -1)
+                if parent < 0:
+                    parent = chain[key] = next(ids)
+                segs.append((parent, block_tokens))
+            pos = n * block_tokens
+            if pos > r.prompt_len:  # the last block is partial
+                segs[-1] = (parent, block_tokens - (pos - r.prompt_len))
+            elif pos < r.prompt_len:
                 segs.append((2 * r.rid + 1, r.prompt_len - pos))
             r.segments = tuple(segs)
         elif g >= 0:
