@@ -169,7 +169,16 @@ class HardwareSpec:
     peak_tflops: dict[str, float]
     interconnect_gbps: float = 0.0
 
+    def compute_dtype(self, dtype: str) -> str:
+        """What the matmuls run in: FP8 weights on a device without FP8 tensor cores (A100, Ascend
+        910B) are computed in bf16 (vLLM's FP8 Marlin kernels dequantize weight-only), still read
+        as 8 bits."""
+        if dtype == "fp8" and "fp8" not in self.peak_tflops and "bf16" in self.peak_tflops:
+            return "bf16"
+        return dtype
+
     def peak_flops(self, dtype: str) -> float:
+        dtype = self.compute_dtype(dtype)
         if dtype not in self.peak_tflops:
             raise ValueError(f"hardware {self.name}: no peak FLOP/s for dtype {dtype!r} (has {sorted(self.peak_tflops)})")
         return self.peak_tflops[dtype] * 1e12

@@ -84,3 +84,22 @@ def test_implausible_coefficients_are_reported():
 def test_unknown_spec_names_the_known_ones():
     with pytest.raises(ValueError, match="unknown model spec 'llama-9000'.*qwen2.5-72b"):
         load_model_spec("llama-9000")
+
+
+def test_fp8_weights_on_a_device_without_fp8_compute_in_bf16_and_read_8_bits():
+    """vLLM runs FP8 checkpoints on Ampere with weight-only FP8 (Marlin): bf16 matmuls, 8-bit reads."""
+    from sim.perf_model import RooflineCoefficients, RooflineStepTime, load_hardware_spec, load_model_spec
+    from sim.step_time import BatchShape
+
+    fp8, bf16 = load_model_spec("qwen3-32b-fp8"), load_model_spec("qwen3-32b")
+    a100, h100 = load_hardware_spec("a100-80g"), load_hardware_spec("h100-80g")
+    assert a100.peak_flops(fp8.compute_dtype) == a100.peak_flops("bf16")
+    assert h100.peak_flops(fp8.compute_dtype) == h100.peak_flops("fp8") > h100.peak_flops("bf16")
+    decode, prefill = BatchShape(num_seqs=1, decode_seqs=1, decode_ctx_tokens=100), \
+        BatchShape(num_seqs=1, prefill_tokens=8192, prefill_attn_pairs=8192 * 8193 / 2)
+    none = RooflineCoefficients(step_overhead_s=0.0)  # the GPU's time alone
+    t = {name: RooflineStepTime(spec, a100, coeffs=none) for name, spec in (("fp8", fp8), ("bf16", bf16))}
+    # a decode step reads the weights: half the bytes (the 16-bit embeddings stay); a long prefill
+    # computes: the same FLOP/s
+    assert t["fp8"].step_time(decode) < 0.6 * t["bf16"].step_time(decode)
+    assert t["fp8"].step_time(prefill) == pytest.approx(t["bf16"].step_time(prefill), rel=0.02)

@@ -1,0 +1,117 @@
+"""Rows of the public GPUStack benchmark table (calibration/data/gpustack_a100_ascend.csv) as runs
+the simulator can replay: the engine from the row's exact launch command (`calibration.launch`),
+the client and dataset from its workload columns, the model and GPU as specs.
+
+Only vLLM and SGLang rows become runs (TensorRT-LLM and MindIE are not simulated). What a row's
+command asks for that is not simulated (`--async-scheduling` before it is, an attention backend)
+stays listed in `RowRun.unmodelled`, so a result can say which rows carry it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from sim.perf_model import kv_capacity_tokens, load_hardware_spec, load_model_spec
+
+from .fit import RowCase
+from .launch import LaunchError, engine_from_launch
+
+TABLE = Path(__file__).resolve().parent / "data" / "gpustack_a100_ascend.csv"
+
+# the table's model and GPU names -> spec files (sim/specs/)
+MODELS = {
+    "Qwen/Qwen3-8B": "qwen3-8b", "Qwen/Qwen3-14B": "qwen3-14b", "Qwen/Qwen3-32B": "qwen3-32b",
+    "Qwen/Qwen3-14B-FP8": "qwen3-14b-fp8", "Qwen/Qwen3-32B-FP8": "qwen3-32b-fp8",
+    "Qwen/Qwen3-14B-AWQ": "qwen3-14b-awq", "Qwen/Qwen3-32B-AWQ": "qwen3-32b-awq",
+    "Qwen/Qwen3-30B-A3B": "qwen3-30b-a3b", "Qwen/Qwen3-235B-A22B-Instruct-2507": "qwen3-235b-a22b",
+    "Qwen/Qwen3-235B-A22B-Instruct-2507-FP8": "qwen3-235b-a22b-fp8",
+    "zai-org/GLM-4.5-Air": "glm-4.5-air", "GLM-4.5-Air": "glm-4.5-air", "zai-org/GLM-4.6-FP8": "glm-4.6-fp8",
+    "openai/gpt-oss-20b": "gpt-oss-20b", "openai/gpt-oss-120b": "gpt-oss-120b",
+}
+GPUS = {"A100-SXM-80GB": ("a100-80g", "NVIDIA A100-SXM4-80GB", 80), "Ascend-910B": ("ascend-910b", "Ascend 910B", 64)}
+SCHEDULERS = {"vLLM": "vllm-v1", "vLLM-Ascend": "vllm-v1", "SGLang": "sglang"}
+METRICS = ("mean_ttft_ms", "mean_tpot_ms", "output_throughput")
+# the engines' default memory fractions (vLLM --gpu-memory-utilization 0.9; SGLang's
+# mem_fraction_static depends on the GPU and TP, ~0.88 on an 80 GB device) and what is left for
+# activations, the CUDA context and graphs: an estimate, which a fit may move (kv_bounds)
+MEMORY_FRACTION = {"vllm": 0.9, "sglang": 0.88}
+RESERVE_GIB = 2.0
+
+
+@dataclass
+class RowRun:
+    row_id: str
+    config: str  # model · engine · launch command: the rows of one configuration
+    model: str
+    hardware: str
+    tp: int
+    case: RowCase
+    kv_tokens: int
+    unmodelled: list[str] = field(default_factory=list)
+
+
+def load() -> pd.DataFrame:
+    return pd.read_csv(TABLE)
+
+
+def row_id(row: pd.Series) -> str:
+    if row["workload"] == "random":
+        load_ = f"random-{int(row['input_len'])}-{int(row['output_len'])}"
+    else:
+        load_ = f"sharegpt-{int(row['num_prompts'])}"
+    if not pd.isna(row.get("max_concurrency")):
+        load_ += f"-c{int(row['max_concurrency'])}"
+    return f"{row.name}:{load_}"
+
+
+def row_run(row: pd.Series) -> RowRun | None:
+    """The row as a run, or None where its engine is not simulated."""
+    if row["engine"] not in SCHEDULERS:
+        return None
+    try:
+        launch = engine_from_launch(row["launch_cmd"])
+    except LaunchError:
+        return None
+    model = MODELS.get(launch.model) or MODELS.get(row["model"])
+    if model is None:
+        raise KeyError(f"gpustack row {row.name}: no spec for model {row['model']!r}")
+    hw, gpu_name, mem = GPUS[row["gpu"]]
+    spec, hwspec = load_model_spec(model), load_hardware_spec(hw)
+    frac = launch.memory_fraction or MEMORY_FRACTION[launch.engine]
+    kv = kv_capacity_tokens(spec, hwspec, launch.tp, frac, RESERVE_GIB)
+    engine = {"scheduler": SCHEDULERS[row["engine"]], "version": str(row["engine_version"]).split("+")[0],
+              "gpu": gpu_name, "gpu_memory_gib": mem, "kv_cache_tokens": kv, **launch.settings}
+    if launch.engine == "vllm" and "max_model_len" not in engine:
+        engine["max_model_len"] = min(32768, kv)  # the pages' runs fit; the model's own limit is larger
+    if launch.engine == "sglang" and "context_length" not in engine:
+        engine["context_length"] = min(32768, kv)
+    workload: dict = {"client": "vllm", "num_prompts": int(row["num_prompts"]), "request_rate": "inf"}
+    if not pd.isna(row.get("max_concurrency")):
+        workload["max_concurrency"] = int(row["max_concurrency"])
+    if row["workload"] == "random":
+        out = int(row["output_len"])
+        workload.update(dataset_name="random", random_input_len=int(row["input_len"]), random_output_len=out,
+                        random_range_ratio=0.0)
+        mean_out = row["total_output_tokens"] / row["num_completed"]
+        if mean_out < out - 1e-9:  # without --ignore-eos some requests stopped early
+            workload["output_len_mean"] = float(mean_out)
+    else:
+        workload["dataset_name"] = "sharegpt"
+    scenario = {"engine": engine, "workload": workload}
+    if launch.dp > 1:
+        scenario["deployment"] = {"instances": launch.dp, "router": "round_robin"}
+    measured = {m: float(row[m]) for m in METRICS if not pd.isna(row.get(m))}
+    unmodelled = list(launch.unmodelled) + (["--async-scheduling"] if launch.async_scheduling else []) \
+        + (["expert parallelism"] if launch.ep else [])
+    rid = row_id(row)
+    return RowRun(rid, f"{row['model']} · {row['engine']} · {row['launch_cmd']}", model, hw, launch.tp,
+                  RowCase(rid, measured, scenario), kv, unmodelled)
+
+
+def runs(df: pd.DataFrame | None = None) -> list[RowRun]:
+    df = load() if df is None else df
+    return [r for _, row in df.iterrows() if (r := row_run(row)) is not None and not math.isnan(r.kv_tokens)]
