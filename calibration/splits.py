@@ -24,6 +24,7 @@ from .fit import DEFAULT_METRICS, SIM_KEY, RowCase
 from .tables import load_table
 
 ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_CMD = "launch_cmd"  # a split's scenario built from each row's launch command (calibration/gpustack.py)
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Split:
     table: Path
     profile: str
     row_id: str  # a str.format template over the row's columns (see `row_fields`)
-    scenario: str  # path template, relative to the repository root
+    scenario: str  # path template, relative to the repository root; "launch_cmd": built from the row (gpustack)
     train: list[str]
     model: str
     hardware: str | list[str]
@@ -133,9 +134,17 @@ def cases(split: Split) -> tuple[list[RowCase], pd.DataFrame]:
     df = select_rows(split)
     out = []
     for rid, row in df.iterrows():
-        path = ROOT / split.scenario.format(**row_fields(row))
-        data = _read_toml(path)
-        data.setdefault("name", path.stem)
+        if split.scenario == LAUNCH_CMD:  # the run as its launch command and workload columns say
+            from .gpustack import row_run
+
+            run = row_run(row)
+            if run is None:
+                raise ValueError(f"split {split.name}: row {rid} ({row['engine']}) is not a simulated engine")
+            data = {"name": rid, **run.case.scenario}
+        else:
+            path = ROOT / split.scenario.format(**row_fields(row))
+            data = _read_toml(path)
+            data.setdefault("name", path.stem)
         _check_row_matches(split, rid, row, data)
         measured = {m: float(row[m]) for m in SIM_KEY if m in row and not pd.isna(row[m])}
         out.append(RowCase(rid, measured, data))

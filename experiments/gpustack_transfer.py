@@ -1,10 +1,14 @@
-"""Transfer within a configuration, on public runs the project never saw: GPUStack's performance lab.
+"""Transfer on public runs the project never saw (GPUStack's performance lab), and across engines.
 
-For every vLLM and SGLang configuration of calibration/data/gpustack_a100_ascend.csv (one model,
-engine and exact launch command) with at least four runs, the step-time model is fitted on the
-three lowest-load runs (fewest concurrent requests, then fewest prompt tokens per request) and
-predicts the others; every figure below is out of sample. The issue's targets, as medians over
-the predicted runs: TPOT <= 10 %, output throughput <= 10 %, TTFT <= 20 %.
+Within a configuration: for every vLLM and SGLang configuration of
+calibration/data/gpustack_a100_ascend.csv (one model, engine and exact launch command) with at
+least four runs, the step-time model is fitted on the three lowest-load runs (fewest concurrent
+requests, then fewest prompt tokens per request) and predicts the others. Then, from the same
+fits: the same model and launch with another --max-num-batched-tokens; another model of the same
+family on the same GPU (Qwen3-14B to Qwen3-32B, gpt-oss-20b to gpt-oss-120b); and seed 002's vLLM
+profile predicting its SGLang runs on the same 8x H20. Every figure is out of sample. The step-time
+issue's targets, as medians over the predicted runs: TPOT <= 10 %, output throughput <= 10 %,
+TTFT <= 20 %.
 
     python experiments/gpustack_transfer.py      # writes experiments/results/gpustack_transfer.md
 """
@@ -34,12 +38,81 @@ def _load_rank(run) -> tuple:
     return (conc, prompt, run.row_id)
 
 
+def _predict_with(coeffs, model: str, hardware: str, tp: int, cases, kv: int | None = None) -> pd.DataFrame:
+    """Simulate `cases` with fitted coefficients on another model (a profile moved, not refitted)."""
+    from dataclasses import asdict
+
+    from calibration.fit import SIM_KEY, _with
+    from sim.config import scenario_from_dict
+    from sim.runner import simulate
+
+    step = {"model": model, "hardware": hardware, "tp": tp, **asdict(coeffs)}
+    rows = []
+    for case in cases:
+        m = simulate(scenario_from_dict(_with(case, step, kv, 0))).bench.metrics
+        for metric in METRICS:
+            if metric in case.measured:
+                meas, pred = case.measured[metric], m[SIM_KEY[metric]]
+                rows.append({"row_id": case.row_id, "metric": metric, "measured": meas, "predicted": pred,
+                             "ape_pct": abs(pred - meas) / meas * 100})
+    return pd.DataFrame(rows)
+
+
+def _launch_without_budget(config: str) -> str:
+    words = config.split()
+    out, skip = [], False
+    for w in words:
+        if skip:
+            skip = False
+            continue
+        if w == "--max-num-batched-tokens":
+            skip = True
+            continue
+        out.append(w)
+    return " ".join(out)
+
+
+FAMILIES = [("Qwen/Qwen3-14B · vLLM · vllm serve Qwen/Qwen3-14B", "Qwen/Qwen3-32B · vLLM · vllm serve Qwen/Qwen3-32B"),
+            ("openai/gpt-oss-20b · vLLM · vllm serve openai/gpt-oss-20b",
+             "openai/gpt-oss-120b · vLLM · vllm serve openai/gpt-oss-120b --max-model-len 32768")]
+
+
+def transfers(by_config: dict, fits: dict) -> tuple[pd.DataFrame, list[str]]:
+    """Predictions of the fits for runs outside their configuration (see the module docstring)."""
+    out, notes = [], []
+    # another --max-num-batched-tokens: the same launch otherwise
+    for config, fit in fits.items():
+        base = _launch_without_budget(config)
+        for other, rs in by_config.items():
+            if other != config and _launch_without_budget(other) == base and other not in fits:
+                p = fit.predict([r.case for r in rs])
+                out.append(p.assign(kind="another budget", source=config, config=other))
+    for a, b in FAMILIES:
+        if a in fits and b in by_config:
+            rb = by_config[b]
+            p = _predict_with(fits[a].coeffs_, rb[0].model, rb[0].hardware, rb[0].tp, [r.case for r in rb])
+            out.append(p.assign(kind="another model, same family", source=a, config=b))
+        else:
+            notes.append(f"- {a} -> {b}: not run (no fit or no runs)")
+    # seed 002: the vLLM profile on the SGLang runs (same model, same 8x H20)
+    from calibration.splits import cases, load_split
+    from sim.profile import load_profile
+
+    sg, _ = cases(load_split("seed002-sglang"))
+    prof = load_profile("seed002-deepseek-r1-h20-vllm")
+    # the SGLang engine's own KV pool (its memory formula, as in its split), the vLLM fit's step times
+    p = _predict_with(prof.coeffs, prof.model, prof.hardware, prof.tp, sg,
+                      load_profile("seed002-deepseek-r1-h20-sglang").kv_cache_tokens)
+    out.append(p.assign(kind="another engine (seed 002)", source="seed002 vLLM profile", config="seed002 SGLang runs"))
+    return pd.concat(out, ignore_index=True), notes
+
+
 def main(only: str = "") -> None:
     df = load()
     by_config: dict[str, list] = {}
     for r in runs(df):
         by_config.setdefault(r.config, []).append(r)
-    rows, notes, fitted = [], [], []
+    rows, notes, fitted, fits = [], [], [], {}
     for config, rs in by_config.items():
         if len(rs) < N_TRAIN + 1 or only not in config:
             continue
@@ -58,6 +131,7 @@ def main(only: str = "") -> None:
         pred["config"] = config
         pred["unmodelled"] = [", ".join(next(r.unmodelled for r in rs if r.row_id == rid)) for rid in pred["row_id"]]
         rows.append(pred)
+        fits[config] = fit
         c = fit.coeffs_
         fitted.append(f"| {config} | {c.step_overhead_s * 1e3:.1f} | {c.per_seq_s * 1e6:.0f} | {c.prefill_overhead_s * 1e3:.0f} | "
                       f"{c.frontend_latency_s * 1e3:.0f} | {c.compute_efficiency:.2f} | {c.memory_efficiency:.2f} | "
@@ -78,6 +152,21 @@ def main(only: str = "") -> None:
         med = {m: p[p["metric"] == m]["ape_pct"].median() for m in METRICS}
         lines.append(f"| {config} | {g[g['set'] == 'fit']['row_id'].nunique()} | {p['row_id'].nunique()} | "
                      f"{med['mean_ttft_ms']:.1f} % | {med['mean_tpot_ms']:.1f} % | {med['output_throughput']:.1f} % |")
+    tr, tr_notes = transfers(by_config, fits) if not only else (pd.DataFrame(), [])
+    notes += tr_notes
+    if len(tr):
+        lines += ["", "## Beyond the configuration (median APE, every run predicted)", "",
+                  "| transfer | fitted on | predicting | runs | TTFT | TPOT | output tok/s |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for (kind, src, cfg), g in tr.groupby(["kind", "source", "config"], sort=False):
+            med = {m: g[g["metric"] == m]["ape_pct"].median() for m in METRICS}
+            lines.append(f"| {kind} | {src} | {cfg} | {g['row_id'].nunique()} | {med['mean_ttft_ms']:.1f} % | "
+                         f"{med['mean_tpot_ms']:.1f} % | {med['output_throughput']:.1f} % |")
+        lines += ["", "| transfer | median TTFT | median TPOT | median output tok/s | runs |", "| --- | --- | --- | --- | --- |"]
+        for kind, g in tr.groupby("kind", sort=False):
+            med = {m: g[g["metric"] == m]["ape_pct"].median() for m in METRICS}
+            lines.append(f"| {kind} | {med['mean_ttft_ms']:.1f} % | {med['mean_tpot_ms']:.1f} % | "
+                         f"{med['output_throughput']:.1f} % | {g['row_id'].nunique()} |")
     lines += ["", "## Fitted coefficients", "",
               "| configuration | step overhead (ms) | per sequence (us) | prefill overhead (ms) | front end (ms) | "
               "compute eff. | memory eff. | comm eff. | the fit's warnings |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",

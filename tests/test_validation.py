@@ -109,6 +109,16 @@ def test_seed001_predicts_long_prompt_ttft_from_one_chunk(tmp_path):
     assert sorted(res.fitter._names()) == ["compute_efficiency", "step_overhead_s"]
 
 
+def test_a_public_configuration_validates_from_its_launch_command(tmp_path):
+    """GPUStack's Qwen3-14B runs: each scenario built from the row's launch command, a refit
+    reproduces the committed report; its own check calls it poor (the front-end latency at its
+    bound: 1,000 prompts tokenised before the engine sees them, which no term models yet)."""
+    res = validate("gpustack-qwen3-14b-vllm", progress=False, write_profile=False, out_dir=tmp_path)
+    _check_reproduces_profile(res)
+    assert res.ok, res.failures
+    assert "frontend_latency_s" in [f.split(" ")[0] for f in res.fit_check.failures]
+
+
 @pytest.mark.parametrize("folder", ["seed000", "seed001", "seed002", "seed003", "seed004"])
 def test_every_seed_scenario_is_valid(folder):
     from pathlib import Path
