@@ -10,6 +10,7 @@ the same rules, and the same messages, vLLM uses at startup.
 from __future__ import annotations
 
 import math
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,19 @@ class ScenarioError(ValueError):
     """A scenario that cannot run: names the field and the rule it breaks."""
 
 
+def check_fits_in_memory(count: int, bytes_each: int, field: str, what: str) -> None:
+    """Refuse, before building anything, a run whose `count` objects cannot fit in this machine's
+    memory (a hang or a kill for memory otherwise, minutes later and with no message)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not a POSIX system
+        return
+    need = count * bytes_each
+    if need > 0.8 * total:
+        raise ScenarioError(f"{field}: {count:,} {what} need about {need / 2**30:,.0f} GiB (~{bytes_each // 1024} KiB "
+                            f"each) and this machine has {total / 2**30:,.0f} GiB; simulate fewer")
+
+
 def _version_tuple(v: str) -> tuple[int, ...]:
     parts = []
     for p in v.split("."):
@@ -31,6 +45,11 @@ def _version_tuple(v: str) -> tuple[int, ...]:
             break
         parts.append(int(digits))
     return tuple(parts) or (0,)
+
+
+# token counts and request counts beyond any real run (a billion): past them a length overflows
+# the integer arithmetic of numpy's samplers instead of meaning anything
+MAX_TOKENS = 10**9
 
 
 class _Strict(BaseModel):
@@ -53,8 +72,9 @@ class EngineConfig(_Strict):
     gpu: str = Field("", description="device name, used only for per-GPU defaults")
     gpu_memory_gib: float | None = None
 
-    max_model_len: int | None = Field(None, gt=0)
-    block_size: int | None = Field(None, gt=0, description="vLLM --block-size / SGLang --page-size")
+    max_model_len: int | None = Field(None, gt=0, le=MAX_TOKENS)
+    block_size: int | None = Field(None, gt=0, le=4096, description="vLLM --block-size (1-128 on CUDA) / SGLang "
+                                   "--page-size")
     # CUDA graphs (on by default in both): without them every step's kernels are launched one by
     # one, which a fit models as a per-step launch floor (launch_overhead_s); with them it is not fitted
     enforce_eager: bool = Field(False, description="vLLM --enforce-eager: no CUDA graphs")
@@ -296,19 +316,20 @@ class WorkloadConfig(_Strict):
         "sglang: python -m sglang.bench_serving"
     )
     dataset_name: Literal["random", "sharegpt", "trace", "mooncake", "lengths", "shared_prefix"] = "random"
-    num_prompts: int | None = Field(None, ge=1)
+    num_prompts: int | None = Field(None, ge=1, le=MAX_TOKENS)
     request_rate: float = Field(math.inf, gt=0)
     burstiness: float = Field(1.0, gt=0)
     max_concurrency: int | None = Field(None, ge=1)
-    seed: int | None = Field(None, description="default: 0 for vLLM's clients, 1 for SGLang's")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="default: 0 for vLLM's clients, 1 for SGLang's "
+                             "(both seed numpy's generator, which takes 0 to 2**32 - 1)")
     ignore_eos: bool | None = Field(
         None, description="default: off for vLLM's clients, on for SGLang's (--disable-ignore-eos)"
     )
     # random
-    random_input_len: int = Field(1024, ge=1)
-    random_output_len: int = Field(128, ge=1)
+    random_input_len: int = Field(1024, ge=1, le=MAX_TOKENS)
+    random_output_len: int = Field(128, ge=1, le=MAX_TOKENS)
     random_range_ratio: float | None = Field(None, ge=0)
-    random_prefix_len: int = Field(0, ge=0, description="a prefix shared by every prompt (vLLM --random-prefix-len)")
+    random_prefix_len: int = Field(0, ge=0, le=MAX_TOKENS, description="a prefix shared by every prompt (vLLM --random-prefix-len)")
     turns: int = Field(1, ge=1, description="random dataset: conversations of this many turns, each turn's "
                        "prompt holding the whole conversation so far; a turn is sent when the previous completes")
     think_time_s: float = Field(0.0, ge=0, description="pause between a reply and the next turn")
@@ -320,7 +341,7 @@ class WorkloadConfig(_Strict):
     output_len_mean: float | None = Field(None, gt=0)
     # sharegpt
     dataset_path: str | None = None
-    sharegpt_output_len: int | None = Field(None, ge=1)
+    sharegpt_output_len: int | None = Field(None, ge=1, le=MAX_TOKENS)
     # lengths: a CSV of num_prefill_tokens, num_decode_tokens (Vidur's length traces), in dataset_path
     lengths_max_tokens: int | None = Field(None, ge=2, description="Vidur's trace max_tokens: a longer request "
                                            "loses the excess from prompt and output in proportion")
@@ -582,9 +603,15 @@ def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{path.name}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ScenarioError(f"{path}: not a text file (a scenario is TOML, UTF-8 text)") from None
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     includes = data.pop("include", [])
     if isinstance(includes, str):
         includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ScenarioError(f"{path.name}: include must be a file name or a list of file names, not {includes!r}")
     merged: dict = {}
     for inc in includes:
         merged = _deep_merge(merged, _read_toml(path.parent / inc, seen + (path,)))

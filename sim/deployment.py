@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import simpy
 
+from .config import check_fits_in_memory
 from .engine import Engine
 from .request import Request
 from .schedulers import make_scheduler
@@ -38,12 +39,17 @@ class Router:
         return i
 
 
+# what one engine instance (scheduler, KV pool, clocks) costs in memory, measured at ~6.5 KiB
+BYTES_PER_INSTANCE = 8 * 1024
+
+
 class Deployment:
     def __init__(self, env: simpy.Environment, sc, on_done: Callable[[Request], None], record_steps: bool,
                  compress: bool = True):
         from .runner import make_kv_cache
 
         e, d = sc.engine, sc.deployment
+        check_fits_in_memory(d.instances, BYTES_PER_INSTANCE, "deployment.instances", "engine instances")
         self.on_done = on_done
         self.router = Router(d.router, d.instances, sc.workload.seed)
         self.engines: list[Engine] = []

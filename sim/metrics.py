@@ -106,12 +106,12 @@ def peak_rates(requests: list[Request], stats: TokenStats) -> tuple[float, int]:
     start = np.array([r.start_s for r in ok])
     end = np.array([r.last_token_s for r in ok])
     t0 = start.min()
-    n = int(np.ceil(end.max() - t0)) + 1
-    tokens = stats.tokens_per_bucket(t0, n)
-    conc = np.zeros(n + 1, dtype=int)
-    np.add.at(conc, (start - t0).astype(int), 1)
-    np.add.at(conc, (end - t0).astype(int) + 1, -1)
-    return float(tokens.max()), int(np.cumsum(conc).max())
+    # only the buckets something happens in: a run may span more seconds than memory has floats
+    pos = np.concatenate([(start - t0).astype(np.int64), (end - t0).astype(np.int64) + 1])
+    delta = np.concatenate([np.ones(len(ok), dtype=np.int64), -np.ones(len(ok), dtype=np.int64)])
+    at, inv = np.unique(pos, return_inverse=True)
+    conc = np.cumsum(np.bincount(inv, weights=delta, minlength=len(at)))
+    return stats.peak_tokens_per_bucket(t0), int(conc.max())
 
 
 @dataclass

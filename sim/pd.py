@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import simpy
 
-from .config import ScenarioError, role_config
-from .deployment import Router
+from .config import ScenarioError, check_fits_in_memory, role_config
+from .deployment import BYTES_PER_INSTANCE, Router
 from .engine import Engine, front_door_error
 from .request import Request, Status
 from .schedulers import make_scheduler
@@ -62,6 +62,8 @@ class PDDeployment:
         self.max_model_len = min(p_eng.max_model_len, d_eng.max_model_len)
         self.front_door = "sglang" if sc.engine.scheduler == "sglang" else "vllm"
         p_model, d_model = p_st.build(), d_st.build()
+        for field in ("prefill_instances", "decode_instances"):
+            check_fits_in_memory(getattr(d, field), BYTES_PER_INSTANCE, f"deployment.{field}", "engine instances")
         self.prefill = [Engine(env, make_scheduler(p_eng, make_kv_cache(p_eng)), p_model, p_eng.max_model_len,
                                self._prefilled, record_steps, compress=False) for _ in range(d.prefill_instances)]
         self.decode = [Engine(env, make_scheduler(d_eng, make_kv_cache(d_eng)), d_model, d_eng.max_model_len,

@@ -176,16 +176,21 @@ class TokenStats:
             out[p] = _lerp_percentile(v, w, p)
         return out
 
-    def tokens_per_bucket(self, t0: float, n: int, width: float = 1.0) -> np.ndarray:
-        """Tokens of finished requests per `width`-second bucket from `t0` (bucket = int((t - t0) / width))."""
-        out = np.zeros(n)
+    def peak_tokens_per_bucket(self, t0: float, width: float = 1.0) -> float:
+        """The most tokens of finished requests in one `width`-second bucket from `t0`, counting only
+        the buckets tokens arrived in (however long the run)."""
+        idx: list[np.ndarray] = []
+        wts: list[np.ndarray] = []
         for clock, emit_diff, _gap in self.tallies.values():
             k = len(clock.ends)
             if not k:
                 continue
             per_step = self._per_step(emit_diff, k)
             ends = np.frombuffer(clock.ends, dtype=np.float64)
-            idx = ((ends - t0) / width).astype(int) if width != 1.0 else (ends - t0).astype(int)
             sel = per_step > 0
-            out += np.bincount(np.minimum(idx[sel], n - 1), weights=per_step[sel], minlength=n)[:n]
-        return out
+            idx.append(((ends[sel] - t0) / width).astype(np.int64))
+            wts.append(per_step[sel])
+        if not idx:
+            return 0.0
+        _, inv = np.unique(np.concatenate(idx), return_inverse=True)
+        return float(np.bincount(inv, weights=np.concatenate(wts)).max())

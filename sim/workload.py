@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .config import check_fits_in_memory
 from .request import Request
 
 SHAREGPT_DEFAULT = "sharegpt_v3_qwen_lengths.csv"
@@ -295,8 +296,16 @@ def arrival_times(
     return t * ((n / request_rate) / t[-1])
 
 
+# what one request costs in memory over a run (the request, its sample and times, its share of
+# the token aggregates; benchmarks/speed.py: a million requests peak under 1 GiB)
+BYTES_PER_REQUEST = 1024
+
+
 def build_requests(w) -> list[Request]:
     """The request list of one benchmark run, from a validated `WorkloadConfig`."""
+    if w.num_prompts is not None and w.dataset_name not in ("trace", "mooncake"):  # (a trace has what it has)
+        check_fits_in_memory(w.num_prompts, BYTES_PER_REQUEST, "workload.num_prompts" if w.stages is None
+                             else "workload.stages", "requests")
     legacy = w.client in ("vllm-legacy", "sglang")  # first request at once, a gap after each
     # Both clients seed numpy's global generator with --seed and draw arrival gaps from it.
     # The old client also draws random-dataset lengths from it; `vllm bench serve` uses

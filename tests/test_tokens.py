@@ -36,7 +36,8 @@ def test_pooled_itl_counts_each_stream_chunk_once_and_skips_failed_requests():
     stats = TokenStats.from_requests([a, b])
     v, w = stats.itl_values()
     assert list(np.repeat(v, w)) == [0.5, 1.0]
-    assert list(stats.tokens_per_bucket(0.0, 3)) == [0, 3, 1]
+    assert stats.peak_tokens_per_bucket(0.0) == 3  # buckets [0, 3, 1]
+    assert stats.peak_tokens_per_bucket(-1e12) == 3  # a trillion seconds earlier: no array that long
 
 
 def test_report_is_the_same_without_per_token_times():
