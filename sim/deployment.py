@@ -15,8 +15,8 @@ import simpy
 
 from .config import check_fits_in_memory
 from .engine import Engine
+from .instance import make_engine
 from .request import Request
-from .schedulers import make_scheduler
 
 
 class Router:
@@ -46,17 +46,14 @@ BYTES_PER_INSTANCE = 8 * 1024
 class Deployment:
     def __init__(self, env: simpy.Environment, sc, on_done: Callable[[Request], None], record_steps: bool,
                  compress: bool = True):
-        from .runner import make_kv_cache
-
         e, d = sc.engine, sc.deployment
         check_fits_in_memory(d.instances, BYTES_PER_INSTANCE, "deployment.instances", "engine instances")
         self.on_done = on_done
         self.router = Router(d.router, d.instances, sc.workload.seed)
         self.engines: list[Engine] = []
         for i in range(d.instances):
-            sched = make_scheduler(e, make_kv_cache(e))
-            self.engines.append(Engine(env, sched, sc.step_time.build(), e.max_model_len, self._done, record_steps,
-                                       spec_seed=sc.workload.seed * 1000 + i, compress=compress))
+            self.engines.append(make_engine(env, e, sc.step_time.build(), self._done, record_steps,
+                                            spec_seed=sc.workload.seed * 1000 + i, compress=compress))
         for eng in self.engines:
             eng.step_markers = len(self.engines) > 1
 

@@ -33,8 +33,8 @@ import simpy
 from .config import ScenarioError, check_fits_in_memory, role_config
 from .deployment import BYTES_PER_INSTANCE, Router
 from .engine import Engine, front_door_error
+from .instance import make_engine
 from .request import Request, Status
-from .schedulers import make_scheduler
 from .tokens import StepClock, emit_chunk
 
 
@@ -52,8 +52,6 @@ class PDDeployment:
                  compress: bool = True):
         # decode engines compress runs of decode steps; the hand-off settles a decode engine's run
         # before touching its KV pool (Engine.settle). Prefill engines have no decode runs.
-        from .runner import make_kv_cache
-
         self.env, self.sc, self.on_done = env, sc, on_done
         d = sc.deployment
         self.design = d.pd_design or ("sglang" if sc.engine.scheduler == "sglang" else "vllm")
@@ -64,11 +62,10 @@ class PDDeployment:
         p_model, d_model = p_st.build(), d_st.build()
         for field in ("prefill_instances", "decode_instances"):
             check_fits_in_memory(getattr(d, field), BYTES_PER_INSTANCE, f"deployment.{field}", "engine instances")
-        self.prefill = [Engine(env, make_scheduler(p_eng, make_kv_cache(p_eng)), p_model, p_eng.max_model_len,
-                               self._prefilled, record_steps, compress=False) for _ in range(d.prefill_instances)]
-        self.decode = [Engine(env, make_scheduler(d_eng, make_kv_cache(d_eng)), d_model, d_eng.max_model_len,
-                              self._decoded, record_steps, spec_seed=sc.workload.seed * 1000 + i,
-                              compress=compress)
+        self.prefill = [make_engine(env, p_eng, p_model, self._prefilled, record_steps, compress=False)
+                        for _ in range(d.prefill_instances)]
+        self.decode = [make_engine(env, d_eng, d_model, self._decoded, record_steps,
+                                   spec_seed=sc.workload.seed * 1000 + i, compress=compress)
                        for i in range(d.decode_instances)]
         self.p_router = Router(d.router, d.prefill_instances, sc.workload.seed)
         self.d_router = Router(d.router, d.decode_instances, sc.workload.seed + 1)

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import simpy
 
 from .client import BenchmarkClient
-from .config import Scenario, _version_tuple
+from .config import Scenario
 from .deployment import Deployment
 from .pd import PDDeployment
 from .engine import SimulationStuck
-from .kv_cache import KVCache
+from .instance import make_kv_cache  # noqa: F401 - its documented import path (sim.runner.make_kv_cache)
 from .metrics import BenchmarkResult, calculate_metrics
 from .request import Request, Status
 from .workload import build_requests
@@ -37,20 +37,6 @@ class SimResult:
     instance_kv_blocks: list | None = None  # KV pool of each instance (blocks)
     instance_gpus: list | None = None  # devices of each instance (its tensor-parallel degree)
     num_plans: int = 0  # scheduler calls (see Engine.num_plans)
-
-
-def make_kv_cache(e) -> KVCache:
-    """V0's block manager keeps a 1 % watermark at admission; V1 has none, and until 0.8.x it
-    preallocated 64 tokens of blocks whenever a request grew (removed in later versions)."""
-    if e.scheduler == "sglang":
-        # a token pool (page size 1 by default) with a radix cache matched in radix_chunk_tokens
-        chunk = 0 if e.disable_radix_cache else max(1, e.radix_chunk_tokens // e.block_size)
-        return KVCache(e.num_gpu_blocks, e.block_size, prefix_chunk_blocks=chunk)
-    if e.scheduler == "vllm-v0":
-        return KVCache(e.num_gpu_blocks, e.block_size, watermark=0.01)
-    prealloc = 64 if _version_tuple(e.version) < (0, 9) else 0
-    return KVCache(e.num_gpu_blocks, e.block_size, preallocate_tokens=prealloc,
-                   prefix_chunk_blocks=1 if e.enable_prefix_caching else 0)
 
 
 KEEP_TOKEN_TIMES_UP_TO = 100_000  # requests; beyond, only the aggregates are kept (memory)

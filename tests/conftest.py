@@ -6,7 +6,7 @@ import pytest
 
 from sim.config import EngineConfig, resolve_engine_defaults
 from sim.request import Request
-from sim.runner import make_kv_cache
+from sim.instance import make_kv_cache
 from sim.schedulers import make_scheduler
 
 

@@ -42,7 +42,7 @@ def test_bad_policies_are_named():
 
 def test_a_user_policy_file_is_loaded_and_changes_the_order():
     from sim.config import EngineConfig, resolve_engine_defaults
-    from sim.runner import make_kv_cache
+    from sim.instance import make_kv_cache
     from sim.schedulers import make_scheduler
 
     cfg = resolve_engine_defaults(EngineConfig(scheduler="vllm-v1", max_model_len=4096, num_gpu_blocks_override=1000,
