@@ -9,14 +9,24 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING
 
-from .config import ScenarioError, load_scenario
-from .engine import SimulationStuck
-from .metrics import format_report, result_json, sglang_result_json, stage_table, traffic_lines
-from .runner import SimResult, simulate
-from .workload import WorkloadError, trace_skipped
+if TYPE_CHECKING:  # the simulator is imported once the arguments are parsed: `--help` starts fast
+    from .runner import SimResult
+
+
+def _load_simulator() -> None:
+    """Import what the commands use (numpy, pandas, the simulator) into this module."""
+    global np, pd, ScenarioError, load_scenario, SimulationStuck, format_report, result_json, \
+        sglang_result_json, stage_table, traffic_lines, simulate, WorkloadError, trace_skipped
+    import numpy as np
+    import pandas as pd
+
+    from .config import ScenarioError, load_scenario
+    from .engine import SimulationStuck
+    from .metrics import format_report, result_json, sglang_result_json, stage_table, traffic_lines
+    from .runner import simulate
+    from .workload import WorkloadError, trace_skipped
 
 
 def _result_json(res: SimResult, detailed: bool) -> dict:
@@ -158,6 +168,8 @@ def _row_cases(table: str, rows: str | None, base_path: str):
     from calibration.rows import row_to_scenario
     from calibration.tables import load_table
     from sim.config import _read_toml
+
+    _load_simulator()  # (also called on its own, by tests)
 
     df = load_table(table)
     if rows:
@@ -444,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _load_simulator()
     try:
         return args.func(args)
     except (ScenarioError, WorkloadError, SimulationStuck, ValueError) as exc:
