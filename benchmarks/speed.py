@@ -81,8 +81,10 @@ def run_one(name: str, compress: bool) -> dict:
     from sim.runner import simulate
 
     path, overrides, repeats = CASES[name]
+    shown = overrides
     if name in GENERATED:
         tmp = tempfile.TemporaryDirectory()
+        shown = overrides + ["workload.trace_path=(drawn by benchmarks/mooncake_like.py into a temporary file)"]
         overrides = overrides + GENERATED[name](Path(tmp.name))
         t0 = time.perf_counter()
     sc = load_scenario(ROOT / path, overrides)
@@ -101,7 +103,7 @@ def run_one(name: str, compress: bool) -> dict:
         n_req, n_steps = len(res.requests), res.num_steps
         del res
     best = min(walls)
-    return {"case": name, "scenario": path, "overrides": overrides, "compress": compress,
+    return {"case": name, "scenario": path, "overrides": shown, "compress": compress,
             "best_wall_s": best, "walls_s": walls, "startup_s": startup,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "baseline_rss_mib": baseline, "requests": n_req, "engine_steps": n_steps,

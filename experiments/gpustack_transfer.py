@@ -24,6 +24,7 @@ import pandas as pd
 
 from calibration.fit import StepTimeFit
 from calibration.gpustack import METRICS, load, runs
+from calibration.launch import engine_from_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "gpustack_transfer.md"
@@ -40,36 +41,17 @@ def _load_rank(run) -> tuple:
 
 def _predict_with(coeffs, model: str, hardware: str, tp: int, cases, kv: int | None = None) -> pd.DataFrame:
     """Simulate `cases` with fitted coefficients on another model (a profile moved, not refitted)."""
-    from dataclasses import asdict
-
-    from calibration.fit import SIM_KEY, _with
-    from sim.config import scenario_from_dict
-    from sim.runner import simulate
-
-    step = {"model": model, "hardware": hardware, "tp": tp, **asdict(coeffs)}
-    rows = []
-    for case in cases:
-        m = simulate(scenario_from_dict(_with(case, step, kv, 0))).bench.metrics
-        for metric in METRICS:
-            if metric in case.measured:
-                meas, pred = case.measured[metric], m[SIM_KEY[metric]]
-                rows.append({"row_id": case.row_id, "metric": metric, "measured": meas, "predicted": pred,
-                             "ape_pct": abs(pred - meas) / meas * 100})
-    return pd.DataFrame(rows)
+    moved = StepTimeFit(model=model, hardware=hardware, tp=tp, metrics=METRICS, seeds=(0,))
+    moved.coeffs_, moved.hardware_, moved.kv_cache_tokens_ = coeffs, hardware, kv
+    return moved.predict(cases)
 
 
-def _launch_without_budget(config: str) -> str:
-    words = config.split()
-    out, skip = [], False
-    for w in words:
-        if skip:
-            skip = False
-            continue
-        if w == "--max-num-batched-tokens":
-            skip = True
-            continue
-        out.append(w)
-    return " ".join(out)
+def _launch_without_budget(config: str) -> tuple:
+    """The configuration's launch (model, engine, parallelism, flags) but its token budget."""
+    launch = engine_from_launch(config.split(" · ")[2])
+    settings = {k: v for k, v in launch.settings.items() if k != "max_num_batched_tokens"}
+    return (config.split(" · ")[:2], launch.tp, launch.dp, launch.ep, launch.async_scheduling,
+            sorted(settings.items()), launch.memory_fraction, launch.unmodelled)
 
 
 FAMILIES = [("Qwen/Qwen3-14B · vLLM · vllm serve Qwen/Qwen3-14B", "Qwen/Qwen3-32B · vLLM · vllm serve Qwen/Qwen3-32B"),

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .config import check_fits_in_memory
+from .prefix_cache import segments
 from .request import Request
 
 SHAREGPT_DEFAULT = "sharegpt_v3_qwen_lengths.csv"
@@ -477,7 +478,7 @@ def trace_content(reqs: list[Request], df: pd.DataFrame, times: np.ndarray, bloc
             prev = i
             continue
         a, b = reqs[prev], reqs[i]
-        a.segments = _segs(a)  # named: not a private request, its chunks are the next turn's
+        a.segments = segments(a)  # named: not a private request, its chunks are the next turn's
         b.follows = a.rid
         if delay[i] == delay[i]:  # the file says how long after the reply
             b.think_s = max(float(delay[i]), 0.0)
@@ -489,14 +490,10 @@ def trace_content(reqs: list[Request], df: pd.DataFrame, times: np.ndarray, bloc
         if delta[i]:  # AIPerf: the conversation so far, then this turn's blocks as a new message
             b.new_message_len = b.prompt_len
         elif not hashes[i]:  # the conversation so far is its prompt's prefix
-            history = (*_segs(a), (a.out_segment, a.max_tokens))
+            history = (*segments(a), (a.out_segment, a.max_tokens))
             shared = min(a.prompt_len + a.max_tokens, b.prompt_len - 1)
             b.segments = (*_cut(history, shared), (2 * b.rid + 1, b.prompt_len - shared))
         prev = i
-
-
-def _segs(r: Request) -> tuple[tuple[int, int], ...]:
-    return r.segments if r.segments is not None else ((r.out_segment - 1, r.prompt_len),)
 
 
 def _cut(segs: tuple[tuple[int, int], ...], n: int) -> list[tuple[int, int]]:
