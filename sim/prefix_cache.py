@@ -214,10 +214,13 @@ class PrefixCache:
         (`release`, `generated=True`): until then nobody can look them up (only a later turn
         of its conversation, or itself after a preemption, can hold its reply), so the cache
         ends the same, with one registration per request instead of one per decoded chunk. A PD
-        prefill job holds its blocks after its request has ended, so its are registered at once."""
+        prefill job holds its blocks after its request has ended, so its are registered at once.
+        So is a request computing its reply again after a preemption while copies of it from
+        before are cached: which chunks become its own copies depends on what is cached as it
+        computes them, and the old copies may be evicted before it lets go."""
         size = self.chunk_tokens
         # (a PD prefill job keeps its blocks past its request's end, while a later turn may look)
-        eager = generated or req.hold_kv
+        eager = generated or req.hold_kv or bool(self.extents.get(req.out_segment))
         stop = req.num_computed // size if eager else min(req.num_computed, req.prompt_len) // size
         if stop <= req.kv_chunks or not named(req):
             return  # no new full chunk

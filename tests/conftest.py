@@ -41,3 +41,14 @@ def apply(batch) -> None:
 @pytest.fixture
 def sched_factory():
     return make_sched
+
+
+# Property tests draw the same examples on every run and every machine ("ci", the default), so a
+# change's CI result depends on the change alone. `pytest --hypothesis-profile=explore` draws new
+# ones each run (with more of them) to hunt for cases the fixed draw misses; a failure it finds is
+# kept in .hypothesis/ and replayed first next time.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", max_examples=1000, print_blob=True)
+settings.load_profile("ci")
