@@ -37,6 +37,8 @@ AT_UPPER = {
                          "or steps overlapped",
     "comm_efficiency": "faster than the interconnect allows: communication overlapped with compute, or the "
                        "model counts traffic that did not happen",
+    "cpu_overhead_s": "more than 0.1 s of CPU work before each step on an engine that overlaps it with the "
+                      "GPU: a CPU cost the model lacks (a saturated API server, per-request output processing)",
 }
 AT_LOWER = {
     "compute_efficiency": "at 1 % of peak FLOP/s: steps far slower than their arithmetic, a cost the model lacks",

@@ -3,8 +3,7 @@ the simulator can replay: the engine from the row's exact launch command (`calib
 the client and dataset from its workload columns, the model and GPU as specs.
 
 Only vLLM and SGLang rows become runs (TensorRT-LLM and MindIE are not simulated). What a row's
-command asks for that is not simulated (`--async-scheduling` before it is, an attention backend)
-stays listed in `RowRun.unmodelled`, so a result can say which rows carry it.
+command asks for that is not simulated (expert parallelism, an attention backend) stays listed in `RowRun.unmodelled`, so a result can say which rows carry it.
 """
 
 from __future__ import annotations
@@ -105,8 +104,7 @@ def row_run(row: pd.Series) -> RowRun | None:
     if launch.dp > 1:
         scenario["deployment"] = {"instances": launch.dp, "router": "round_robin"}
     measured = {m: float(row[m]) for m in METRICS if not pd.isna(row.get(m))}
-    unmodelled = list(launch.unmodelled) + (["--async-scheduling"] if launch.async_scheduling else []) \
-        + (["expert parallelism"] if launch.ep else [])
+    unmodelled = list(launch.unmodelled) + (["expert parallelism"] if launch.ep else [])
     rid = row_id(row)
     return RowRun(rid, f"{row['model']} · {row['engine']} · {row['launch_cmd']}", model, hw, launch.tp,
                   RowCase(rid, measured, scenario), kv, unmodelled)

@@ -68,6 +68,8 @@ def _sglang_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-radix-cache", action="store_true")
     p.add_argument("--enable-mixed-chunk", action="store_true")
     p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument("--disable-overlap-schedule", action="store_true")
+    p.add_argument("--cuda-graph-max-bs", type=int)
     return p
 
 
@@ -91,6 +93,8 @@ def engine_from_launch(cmd: str) -> Launch:
         out.memory_fraction = args.gpu_memory_utilization
         if args.enforce_eager:
             s["enforce_eager"] = True
+        if args.async_scheduling:
+            s["async_scheduling"] = True
         if args.chunked is not None:
             s["enable_chunked_prefill"] = args.chunked
         if args.prefix is not None:
@@ -99,13 +103,14 @@ def engine_from_launch(cmd: str) -> Launch:
         args, rest = _sglang_parser().parse_known_args(words[words.index("sglang.launch_server") + 1:])
         out = Launch("sglang", args.model, tp=args.tp, dp=args.dp, ep=args.ep > 1)
         s = out.settings
-        for key in ("chunked_prefill_size", "max_prefill_tokens", "max_running_requests", "context_length"):
+        for key in ("chunked_prefill_size", "max_prefill_tokens", "max_running_requests", "context_length",
+                    "cuda_graph_max_bs"):
             if getattr(args, key) is not None:
                 s[key] = getattr(args, key)
         out.memory_fraction = args.mem_fraction_static
         if args.page_size is not None:
             s["block_size"] = args.page_size
-        for flag in ("disable_radix_cache", "enable_mixed_chunk", "disable_cuda_graph"):
+        for flag in ("disable_radix_cache", "enable_mixed_chunk", "disable_cuda_graph", "disable_overlap_schedule"):
             if getattr(args, flag):
                 s[flag] = True
     else:

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from sim.perf_model import features
+from sim.step_time import EngineFacts
 from sim.request import Status
 from sim.runner import SimResult
 
@@ -49,6 +50,7 @@ class Trace:
     tok_step: np.ndarray  # flat: the step that emitted each token of each finished request
     tok_ptr: np.ndarray  # request i's tokens are tok_step[tok_ptr[i]:tok_ptr[i+1]]
     exact: bool  # the schedule cannot depend on step times: replay equals simulation
+    facts: EngineFacts = EngineFacts()  # the engine's CUDA graphs and CPU/GPU overlap
     frontend_latency_s: float = 0.0  # of the recorded run
     think_time_s: float = 0.0  # between a reply and the next turn
     # per request, where a turn says its own: its think time (NaN: think_time_s) and the time it
@@ -185,6 +187,7 @@ def trace_from(res: SimResult) -> Trace:
         tok_step=tok,
         tok_ptr=ptr,
         exact=False,
+        facts=sc.engine.step_facts(),
         frontend_latency_s=delay,
         think_time_s=sc.workload.think_time_s,
         think_s=np.array([r.think_s for r in reqs]) if any(r.think_s == r.think_s for r in reqs) else None,
@@ -195,6 +198,15 @@ def trace_from(res: SimResult) -> Trace:
     )
     tr.exact = tr.exact_at(delay)
     return tr
+
+
+def durations(trace: Trace, model, coeffs=None) -> np.ndarray:
+    """The recorded steps' durations under a step-time model, on the trace's engine (its graphs
+    and overlap; a model without engine facts is used as it is)."""
+    with_facts = getattr(model, "with_facts", None)
+    if with_facts is not None:
+        return with_facts(trace.facts).step_times(trace.features, coeffs)
+    return model.step_times(trace.features)
 
 
 def step_end_times(trace: Trace, dt: np.ndarray, frontend_latency_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -64,13 +64,26 @@ def _servesim_section(res: SimResult) -> dict:
         "simulated": True,
         "scenario": sc.name,
         "engine": sc.engine.model_dump(),
-        "step_time": sc.step_time.build().describe(),
+        "step_time": _engine_step_model(sc).describe(),
         "num_steps": res.num_steps,
         "num_preemptions": res.num_preemptions,
         "max_batch_tokens": res.max_batch_tokens,
         "max_batch_seqs": res.max_batch_seqs,
         "peak_kv_blocks": res.peak_kv_blocks,
     }
+
+
+def _overlap_note(e) -> str:
+    if not e.step_facts().overlap:
+        return ""
+    return ", async scheduling" if e.scheduler != "sglang" else ", overlap scheduler"
+
+
+def _engine_step_model(sc):
+    """The step-time model as the engine uses it: with its CUDA graphs and CPU/GPU overlap."""
+    model = sc.step_time.build()
+    with_facts = getattr(model, "with_facts", None)
+    return with_facts(sc.engine.step_facts()) if with_facts is not None else model
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -95,7 +108,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"Scenario: {sc.name}  ({e.scheduler}, chunked prefill "
               f"{'on' if e.enable_chunked_prefill else 'off'}, max_num_batched_tokens "
-              f"{e.max_num_batched_tokens}, max_num_seqs {e.max_num_seqs}, max_model_len {e.max_model_len})")
+              f"{e.max_num_batched_tokens}, max_num_seqs {e.max_num_seqs}, max_model_len {e.max_model_len}"
+              f"{_overlap_note(e)})")
         model = sc.step_time.build()
         if not model.calibrated:
             print(f"WARNING: step time uses {model.source}; latencies are illustrative, not predictions.")

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .step_time import StepTimeParams
+from .step_time import EngineFacts, StepTimeParams
 
 
 class ScenarioError(ValueError):
@@ -57,9 +57,10 @@ class _Strict(BaseModel):
 
 
 VLLM_ONLY = ("max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "num_gpu_blocks_override",
-             "enable_prefix_caching")
+             "enable_prefix_caching", "async_scheduling")
 SGLANG_ONLY = ("chunked_prefill_size", "max_prefill_tokens", "max_running_requests", "enable_mixed_chunk",
-               "max_total_tokens", "context_length", "disable_radix_cache")
+               "max_total_tokens", "context_length", "disable_radix_cache", "disable_overlap_schedule",
+               "cuda_graph_max_bs")
 
 
 class EngineConfig(_Strict):
@@ -79,6 +80,11 @@ class EngineConfig(_Strict):
     # one, which a fit models as a per-step launch floor (launch_overhead_s); with them it is not fitted
     enforce_eager: bool = Field(False, description="vLLM --enforce-eager: no CUDA graphs")
     disable_cuda_graph: bool = Field(False, description="SGLang --disable-cuda-graph")
+    # the CPU planning step N+1 while the GPU runs step N (sim.step_time.EngineFacts)
+    async_scheduling: bool | None = Field(None, description="vLLM V1 --async-scheduling (default: on from 0.14.0)")
+    disable_overlap_schedule: bool | None = Field(
+        None, description="SGLang --disable-overlap-schedule (default: false; speculative decoding turns overlap off)")
+    cuda_graph_max_bs: int | None = Field(None, gt=0, description="SGLang --cuda-graph-max-bs (default 160)")
     kv_cache_tokens: int | None = Field(None, gt=0)
     # vLLM
     max_num_batched_tokens: int | None = Field(None, gt=0)
@@ -149,6 +155,43 @@ class EngineConfig(_Strict):
     def cuda_graphs(self) -> bool:
         return not (self.enforce_eager or self.disable_cuda_graph)
 
+    def step_facts(self) -> EngineFacts:
+        """The batch sizes this engine captures as CUDA graphs and whether it overlaps the CPU's
+        scheduling with the GPU (call on a resolved config: `resolve_engine_defaults`).
+
+        vLLM V1 (`vllm/config/compilation.py`): 1, 2, 4, then steps of 8 up to 248 and of 16 from
+        256 (from 0.11.1; steps of 8 throughout before), up to min(2 x max_num_seqs, 512) and no
+        more than max_num_batched_tokens; every batch that fits is padded, prefills too (piecewise
+        graphs). vLLM V0: decode-only batches, 1, 2, 4 and multiples of 8 up to min(max_num_seqs,
+        256). SGLang (`cuda_graph_runner.get_batch_sizes_to_capture`, 0.4-0.5): decode-only
+        batches, 1, 2, 4 and multiples of 8 up to cuda_graph_max_bs (160), plus the request
+        pool's size when that is smaller."""
+        v = _version_tuple(self.version)
+        sizes: list[int] = []
+        if self.scheduler == "sglang":
+            overlap = not self.disable_overlap_schedule
+            if self.cuda_graphs:
+                top = self.cuda_graph_max_bs or 160
+                sizes = [1, 2, 4] + [8 * i for i in range(1, 21)]
+                pool = self.max_running_requests or top
+                if max(sizes) > pool:
+                    sizes += [pool - 1, pool]
+                sizes = sorted({b for b in sizes if 0 < b <= min(top, pool)})
+            return EngineFacts(overlap, tuple(sizes), graph_mixed=False)
+        if self.scheduler == "vllm-v0":
+            if self.cuda_graphs:
+                top = min(self.max_num_seqs or 256, 256)
+                sizes = [b for b in [1, 2, 4] + list(range(8, 257, 8)) if b <= -(-top // 8) * 8]
+            return EngineFacts(False, tuple(sizes), graph_mixed=False)
+        if self.cuda_graphs:
+            top = min(2 * (self.max_num_seqs or 256), 512, self.max_num_batched_tokens or 512)
+            if v >= (0, 11, 1):
+                sizes = [1, 2, 4] + list(range(8, 256, 8)) + list(range(256, 513, 16))
+            else:
+                sizes = [1, 2, 4] + list(range(8, 513, 8))
+            sizes = [b for b in sizes if b <= top]
+        return EngineFacts(bool(self.async_scheduling), tuple(sizes), graph_mixed=True)
+
     @property
     def num_gpu_blocks(self) -> int:
         if self.num_gpu_blocks_override is not None:
@@ -195,8 +238,15 @@ def resolve_engine_defaults(e: EngineConfig) -> EngineConfig:
     if caching and e.scheduler == "vllm-v0":
         raise ScenarioError("engine.enable_prefix_caching: prefix caching is modelled for vllm-v1 and sglang, "
                             "not for the V0 block manager")
+    overlap = e.async_scheduling
+    if e.scheduler == "vllm-v0":
+        if overlap:
+            raise ScenarioError("engine.async_scheduling: async scheduling is a vLLM V1 feature (scheduler vllm-v1)")
+        overlap = False
+    elif overlap is None:
+        overlap = v >= (0, 14)  # default on from 0.14.0
     upd.update(enable_chunked_prefill=chunking, max_num_batched_tokens=budget, max_num_seqs=seqs,
-               enable_prefix_caching=caching)
+               enable_prefix_caching=caching, async_scheduling=overlap)
     e = e.model_copy(update=upd)
     _verify_engine(e)
     return e
@@ -231,6 +281,9 @@ def _resolve_sglang(e: EngineConfig, v: tuple[int, ...]) -> EngineConfig:
         upd["enable_mixed_chunk"] = False
     if e.disable_radix_cache is None:
         upd["disable_radix_cache"] = False
+    if e.disable_overlap_schedule is None:
+        # server_args: speculative decoding (EAGLE) switches the overlap scheduler off
+        upd["disable_overlap_schedule"] = e.num_speculative_tokens > 0
     e = e.model_copy(update=upd)
     if e.chunked_prefill_size > 0 and e.chunked_prefill_size % e.block_size:
         raise ScenarioError(
@@ -471,6 +524,7 @@ class StepTimeConfig(_Strict):
     launch_overhead_s: float | None = Field(None, ge=0)
     prefill_overhead_s: float | None = Field(None, ge=0)
     frontend_latency_s: float | None = Field(None, ge=0)
+    cpu_overhead_s: float | None = Field(None, ge=0)
     compute_efficiency: float | None = Field(None, gt=0)
     memory_efficiency: float | None = Field(None, gt=0)
     comm_efficiency: float | None = Field(None, gt=0)
@@ -485,7 +539,8 @@ class StepTimeConfig(_Strict):
     calibrated: bool = False
     source: str | None = None
 
-    _ROOFLINE = ("launch_overhead_s", "prefill_overhead_s", "frontend_latency_s", "compute_efficiency", "memory_efficiency", "comm_efficiency", "step_overhead_s", "per_seq_s")
+    _ROOFLINE = ("launch_overhead_s", "prefill_overhead_s", "frontend_latency_s", "compute_efficiency",
+                 "memory_efficiency", "comm_efficiency", "step_overhead_s", "per_seq_s", "cpu_overhead_s")
     _LINEAR_ONLY = ("per_prefill_token_s", "per_decode_seq_s", "per_prefill_attn_pair_s", "per_decode_ctx_token_s")
 
     @model_validator(mode="after")

@@ -33,5 +33,9 @@ def make_kv_cache(e: EngineConfig) -> KVCache:
 
 def make_engine(env: simpy.Environment, e: EngineConfig, step_model, on_done: Callable[[Request], None],
                 record_steps: bool, spec_seed: int = 0, compress: bool = True) -> Engine:
+    # the step model learns the engine's CUDA graphs and CPU/GPU overlap (the linear model has none)
+    with_facts = getattr(step_model, "with_facts", None)
+    if with_facts is not None:
+        step_model = with_facts(e.step_facts())
     return Engine(env, make_scheduler(e, make_kv_cache(e)), step_model, e.max_model_len, on_done, record_steps,
                   spec_seed=spec_seed, compress=compress)

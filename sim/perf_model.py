@@ -11,11 +11,24 @@ For a batch (see `BatchShape`) on one tensor-parallel group:
     gpu  = max(compute / (peak FLOP/s · compute_efficiency),
                memory / (HBM bytes/s · memory_efficiency))
            + comm / (link bytes/s · comm_efficiency)
-    step = step_overhead_s + per_seq_s·seqs + prefill_overhead_s·[any prompt tokens]
+    rest = step_overhead_s + per_seq_s·seqs + prefill_overhead_s·[any prompt tokens]
            + max(launch_overhead_s, gpu)
+    step = cpu_overhead_s + rest,  or max(cpu_overhead_s, rest) when the engine overlaps them
 
-`step_overhead_s` and `per_seq_s` are CPU work the GPU waits for (scheduling, sampling,
-detokenising: vLLM V0 does them between steps). `launch_overhead_s` is the time the CPU
+The engine's own facts (`sim.step_time.EngineFacts`, from its flags and version) enter twice:
+a batch that runs in a CUDA graph computes its padding (the linear layers and the all-reduces
+see the captured size, the attention and the lm_head do not), and vLLM V1's async scheduling
+or SGLang's overlap scheduler plans step N+1 on the CPU while the GPU runs step N, so the
+CPU's part and the GPU's part of a step are not added but overlapped.
+
+`step_overhead_s` and `per_seq_s` are fixed costs every step's timeline carries, per step and
+per sequence: CPU work the GPU waits for (sampling, detokenising), latencies of the all-reduces
+and of launching graphs, small-batch kernels slower than the roofline. `cpu_overhead_s` is the
+part of it the CPU alone does before a step (scheduling, preparing inputs, processing the last
+step's outputs), which an engine that overlaps (`EngineFacts.overlap`) hides behind the GPU's
+step; on an engine that does not, it adds like `step_overhead_s` and cannot be told from it, so
+it is fitted only on rows from overlapping engines (0 otherwise: a profile fitted on a
+synchronous engine predicts no gain from turning overlap on). `launch_overhead_s` is the time the CPU
 needs to launch one step's kernels: without CUDA graphs (`--enforce-eager`) it runs
 ahead of the GPU, so a step takes whichever is longer, not their sum; with CUDA graphs
 it is small. `prefill_overhead_s` is the extra fixed cost of a step that computes prompt
@@ -41,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .step_time import BatchShape
+from .step_time import BatchShape, EngineFacts
 
 GIB = 1024**3
 
@@ -247,6 +260,7 @@ class RooflineCoefficients:
     compute_efficiency: float = 0.5
     memory_efficiency: float = 0.7
     comm_efficiency: float = 0.5
+    cpu_overhead_s: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -261,6 +275,7 @@ PLAUSIBLE = {
     "compute_efficiency": (0.05, 0.9),
     "memory_efficiency": (0.2, 0.95),
     "comm_efficiency": (0.05, 1.0),
+    "cpu_overhead_s": (0.0, 0.1),
 }
 
 
@@ -272,6 +287,7 @@ class RooflineStepTime:
     coeffs: RooflineCoefficients = field(default_factory=RooflineCoefficients)
     calibrated: bool = False
     source: str = "roofline with default efficiencies (uncalibrated)"
+    facts: EngineFacts = field(default_factory=EngineFacts)  # the engine's graphs and overlap
 
     def __post_init__(self) -> None:
         m, hw, tp = self.model, self.hardware, self.tp
@@ -292,6 +308,24 @@ class RooflineStepTime:
         self._s_comm_per_token = (
             m.num_layers * 2 * m.hidden_size * 2 * 2 * (tp - 1) / tp / link if tp > 1 else 0.0
         )
+        self._pad = self.facts.pad_table()
+        self._pad_array = np.array(self._pad, dtype=float)
+        self._overlap = self.facts.overlap
+
+    def _run_tokens(self, tokens: int, prefill_tokens: int) -> int:
+        """Tokens the linear layers compute: the batch padded to its CUDA graph, if it runs in one."""
+        pad = self._pad
+        if tokens < len(pad) and (self.facts.graph_mixed or not prefill_tokens):
+            return pad[tokens]
+        return tokens
+
+    def _run_tokens_v(self, tokens: np.ndarray, prefill_tokens: np.ndarray) -> np.ndarray:
+        if not self._pad:
+            return tokens
+        graphed = tokens < len(self._pad)
+        if not self.facts.graph_mixed:
+            graphed &= prefill_tokens == 0
+        return np.where(graphed, self._pad_array[np.where(graphed, tokens, 0).astype(np.int64)], tokens)
 
     def _expert_bytes_all(self) -> float:
         m = self.model
@@ -310,17 +344,21 @@ class RooflineStepTime:
     def step_time(self, b: BatchShape) -> float:
         c = self.coeffs
         tokens = b.prefill_tokens + b.decode_seqs + b.spec_tokens
+        run = self._run_tokens(tokens, b.prefill_tokens)
         t_compute = (
-            self._s_per_token_flop * tokens
+            self._s_per_token_flop * run
             + self._s_per_seq_flop * b.num_seqs
             + self._s_per_pair * (b.prefill_attn_pairs + b.decode_ctx_tokens)
         ) / c.compute_efficiency
         t_memory = (
             self._s_static_mem + self._s_per_expert * self._experts_touched(tokens) + self._s_per_ctx_token * b.decode_ctx_tokens
         ) / c.memory_efficiency
-        t_gpu = max(t_compute, t_memory) + self._s_comm_per_token * tokens / c.comm_efficiency
+        t_gpu = max(t_compute, t_memory) + self._s_comm_per_token * run / c.comm_efficiency
         prefill = c.prefill_overhead_s if b.prefill_tokens else 0.0
-        return c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill + max(c.launch_overhead_s, t_gpu)
+        if self._overlap:  # the CPU plans the next step while the GPU runs this one
+            return max(c.cpu_overhead_s, c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill
+                       + max(c.launch_overhead_s, t_gpu))
+        return c.cpu_overhead_s + c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill + max(c.launch_overhead_s, t_gpu)
 
     # vectorised path for calibration (same arithmetic on columns)
     def step_terms(self, f: np.ndarray) -> tuple:
@@ -328,19 +366,24 @@ class RooflineStepTime:
         compute, memory and communication seconds, sequences, and whether a prefill ran. A fit
         times the same steps under thousands of coefficient sets; these are computed once."""
         tokens = f[:, PREFILL_TOKENS] + f[:, DECODE_SEQS] + f[:, SPEC_TOKENS]
+        run = self._run_tokens_v(tokens, f[:, PREFILL_TOKENS])
         compute = (
-            self._s_per_token_flop * tokens
+            self._s_per_token_flop * run
             + self._s_per_seq_flop * f[:, SEQS]
             + self._s_per_pair * (f[:, PREFILL_PAIRS] + f[:, DECODE_CTX])
         )
         memory = self._s_static_mem + self._s_per_expert * self._experts_touched(tokens) + self._s_per_ctx_token * f[:, DECODE_CTX]
-        return compute, memory, self._s_comm_per_token * tokens, f[:, SEQS], f[:, PREFILL_TOKENS] > 0
+        return compute, memory, self._s_comm_per_token * run, f[:, SEQS], f[:, PREFILL_TOKENS] > 0, self._overlap
 
     def step_times(self, f: np.ndarray, coeffs: RooflineCoefficients | None = None, terms: tuple | None = None) -> np.ndarray:
         c = coeffs or self.coeffs
-        compute, memory, comm, seqs, prefill = terms if terms is not None else self.step_terms(f)
+        compute, memory, comm, seqs, prefill, overlap = terms if terms is not None else self.step_terms(f)
         t_gpu = np.maximum(compute / c.compute_efficiency, memory / c.memory_efficiency) + comm / c.comm_efficiency
-        return c.step_overhead_s + c.per_seq_s * seqs + c.prefill_overhead_s * prefill + np.maximum(c.launch_overhead_s, t_gpu)
+        if overlap:
+            return np.maximum(c.cpu_overhead_s, c.step_overhead_s + c.per_seq_s * seqs + c.prefill_overhead_s * prefill
+                              + np.maximum(c.launch_overhead_s, t_gpu))
+        return (c.cpu_overhead_s + c.step_overhead_s + c.per_seq_s * seqs + c.prefill_overhead_s * prefill
+                + np.maximum(c.launch_overhead_s, t_gpu))
 
     def decode_step_times(self, b: BatchShape, ctx: np.ndarray) -> np.ndarray:
         """`step_time` of the decode-only batch `b` with its context total replaced by each value
@@ -348,32 +391,44 @@ class RooflineStepTime:
         computes them and only the context terms as arrays, in the same order: the same floats."""
         c = self.coeffs
         tokens = b.prefill_tokens + b.decode_seqs + b.spec_tokens
-        compute_fixed = self._s_per_token_flop * tokens + self._s_per_seq_flop * b.num_seqs
+        run = self._run_tokens(tokens, b.prefill_tokens)
+        compute_fixed = self._s_per_token_flop * run + self._s_per_seq_flop * b.num_seqs
         t_compute = (compute_fixed + self._s_per_pair * (b.prefill_attn_pairs + ctx)) / c.compute_efficiency
         memory_fixed = self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)
         t_memory = (memory_fixed + self._s_per_ctx_token * ctx) / c.memory_efficiency
-        t_gpu = np.maximum(t_compute, t_memory) + self._s_comm_per_token * tokens / c.comm_efficiency
+        t_gpu = np.maximum(t_compute, t_memory) + self._s_comm_per_token * run / c.comm_efficiency
         prefill = c.prefill_overhead_s if b.prefill_tokens else 0.0
-        return c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill + np.maximum(c.launch_overhead_s, t_gpu)
+        if self._overlap:
+            return np.maximum(c.cpu_overhead_s, c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill
+                              + np.maximum(c.launch_overhead_s, t_gpu))
+        return c.cpu_overhead_s + c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill + np.maximum(c.launch_overhead_s, t_gpu)
 
     def decode_run_ends(self, b: BatchShape, steps: int, now: float) -> list[float]:
         """See `sim.step_time.decode_run_ends`: the batch-constant terms once, the context terms
         per step, in `step_time`'s order (so `step_time`'s floats), in a plain loop."""
         c = self.coeffs
         tokens = b.prefill_tokens + b.decode_seqs + b.spec_tokens
-        compute_fixed = self._s_per_token_flop * tokens + self._s_per_seq_flop * b.num_seqs
+        run = self._run_tokens(tokens, b.prefill_tokens)
+        compute_fixed = self._s_per_token_flop * run + self._s_per_seq_flop * b.num_seqs
         memory_fixed = self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)
-        comm = self._s_comm_per_token * tokens / c.comm_efficiency
+        comm = self._s_comm_per_token * run / c.comm_efficiency
         prefill = c.prefill_overhead_s if b.prefill_tokens else 0.0
-        fixed = c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill
+        fixed = c.cpu_overhead_s + c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill
+        rest = c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill
+        cpu = c.cpu_overhead_s
         s_pair, s_ctx, ce, me, launch = self._s_per_pair, self._s_per_ctx_token, c.compute_efficiency, \
             c.memory_efficiency, c.launch_overhead_s
         pairs, ctx, n, ends, t = b.prefill_attn_pairs, b.decode_ctx_tokens, b.num_seqs, [], now
+        overlap = self._overlap
         for _ in range(steps):
             t_compute = (compute_fixed + s_pair * (pairs + ctx)) / ce
             t_memory = (memory_fixed + s_ctx * ctx) / me
             t_gpu = (t_memory if t_memory > t_compute else t_compute) + comm  # max(), first of equals
-            t += fixed + (t_gpu if t_gpu > launch else launch)
+            if overlap:
+                gpu = rest + (t_gpu if t_gpu > launch else launch)
+                t += cpu if cpu >= gpu else gpu
+            else:
+                t += fixed + (t_gpu if t_gpu > launch else launch)
             ends.append(t)
             ctx += n
         return ends
@@ -384,10 +439,18 @@ class RooflineStepTime:
 
     def describe(self) -> dict:
         return {"kind": "roofline", "model": self.model.name, "hardware": self.hardware.name, "tp": self.tp,
-                **self.coeffs.as_dict(), "calibrated": self.calibrated, "source": self.source}
+                **self.coeffs.as_dict(), "calibrated": self.calibrated, "source": self.source,
+                "overlap_schedule": self.facts.overlap,
+                "cuda_graph_max_tokens": self.facts.graph_sizes[-1] if self.facts.graph_sizes else 0}
 
     def with_coeffs(self, coeffs: RooflineCoefficients) -> RooflineStepTime:
-        return RooflineStepTime(self.model, self.hardware, self.tp, coeffs, self.calibrated, self.source)
+        return RooflineStepTime(self.model, self.hardware, self.tp, coeffs, self.calibrated, self.source, self.facts)
+
+    def with_facts(self, facts: EngineFacts) -> RooflineStepTime:
+        """This model on an engine with these graphs and this overlap (`EngineConfig.step_facts`)."""
+        if facts == self.facts:
+            return self
+        return RooflineStepTime(self.model, self.hardware, self.tp, self.coeffs, self.calibrated, self.source, facts)
 
     def implied(self) -> dict:
         """What the coefficients claim about the hardware, for the fit report."""

@@ -25,6 +25,7 @@ UNITS = {
     "compute_efficiency": "fraction of the device's peak FLOP/s",
     "memory_efficiency": "fraction of the device's peak HBM bandwidth",
     "comm_efficiency": "fraction of the device's interconnect bandwidth",
+    "cpu_overhead_s": "s of CPU work before each step, hidden behind the GPU when the engine overlaps them",
     "kv_cache_tokens": "tokens",
 }
 

@@ -47,6 +47,37 @@ class BatchShape:
             self.prefill_attn_pairs += num_new * num_computed + num_new * (num_new + 1) / 2
 
 
+@dataclass(frozen=True)
+class EngineFacts:
+    """What the engine, not the batch, adds to a step: CUDA-graph padding, and whether the CPU's
+    work for the next step runs while the GPU computes this one. From the engine's flags and
+    version (`sim.config.EngineConfig.step_facts`); the roofline model applies them.
+
+    - `graph_sizes`: the batch sizes (tokens) captured as CUDA graphs, ascending; a batch that
+      fits is padded up to the next one and its linear layers compute the padding too. Empty:
+      eager (`--enforce-eager`, `--disable-cuda-graph`).
+    - `graph_mixed`: batches carrying prompt tokens are padded too (vLLM V1's piecewise graphs);
+      otherwise only decode-only batches run in a graph (vLLM V0, SGLang).
+    - `overlap`: vLLM V1's async scheduling or SGLang's overlap scheduler plans step N+1 while
+      the GPU runs step N, so a step takes the longer of the CPU's and the GPU's parts, not
+      their sum."""
+
+    overlap: bool = False
+    graph_sizes: tuple[int, ...] = ()
+    graph_mixed: bool = False
+
+    def pad_table(self) -> list[int]:
+        """pad[t]: the tokens a batch of t tokens computes, for t up to the largest graph."""
+        if not self.graph_sizes:
+            return []
+        pad, t = [0], 1
+        for size in self.graph_sizes:
+            while t <= size:
+                pad.append(size)
+                t += 1
+        return pad
+
+
 @dataclass(frozen=True, slots=True)
 class StepTimeParams:
     """Linear step-time model; each coefficient's unit is in its name.

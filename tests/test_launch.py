@@ -11,7 +11,8 @@ def test_vllm_serve_flags_become_engine_settings():
     launch = engine_from_launch("vllm serve openai/gpt-oss-120b -tp 2 --max-model-len 32768 --async-scheduling "
                                 "--max-num-batched-tokens 4096 --gpu-memory-utilization 0.85 --enforce-eager")
     assert (launch.engine, launch.model, launch.tp, launch.dp) == ("vllm", "openai/gpt-oss-120b", 2, 1)
-    assert launch.settings == {"max_model_len": 32768, "max_num_batched_tokens": 4096, "enforce_eager": True}
+    assert launch.settings == {"max_model_len": 32768, "max_num_batched_tokens": 4096, "enforce_eager": True,
+                               "async_scheduling": True}
     assert launch.async_scheduling and launch.memory_fraction == 0.85 and launch.unmodelled == []
 
 
@@ -42,7 +43,7 @@ def test_a_public_run_becomes_a_scenario_that_runs():
     assert (run.model, run.hardware, run.tp) == ("gpt-oss-20b", "a100-80g", 1)
     assert eng["scheduler"] == "vllm-v1" and eng["max_num_batched_tokens"] == 4096 and eng["kv_cache_tokens"] > 100_000
     assert w["dataset_name"] == "sharegpt" and w["num_prompts"] == 1000 and w["request_rate"] == "inf"
-    assert run.unmodelled == ["--async-scheduling"]
+    assert eng["async_scheduling"] is True and run.unmodelled == []  # simulated: the step overlaps
     random = row_run(df[(df["model"] == "openai/gpt-oss-20b") & (df["input_len"] == 4000)].iloc[0])
     assert random.case.scenario["workload"]["output_len_mean"] < 200  # without --ignore-eos, some stopped early
     data = {**run.case.scenario, "workload": {**w, "num_prompts": 20},

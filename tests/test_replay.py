@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibration.replay import replay, trace_from
+from calibration.replay import durations, replay, trace_from
 from sim.config import scenario_from_dict
 from sim.runner import simulate
 
@@ -34,7 +34,7 @@ def _check(sc_a, sc_b):
     for k in KEYS:
         assert same[k] == pytest.approx(rec.bench.metrics[k], rel=1e-9, abs=1e-9), k
     truth = simulate(sc_b).bench.metrics
-    dt_b = sc_b.step_time.build().step_times(tr.features)
+    dt_b = durations(tr, sc_b.step_time.build())
     other = replay(tr, dt_b)
     for k in KEYS:
         assert other[k] == pytest.approx(truth[k], rel=1e-9, abs=1e-9), k
@@ -94,7 +94,7 @@ def test_replay_is_exact_when_the_front_end_latency_changes():
     assert not trace_from(simulate(_sc({**wl, "max_concurrency": 16}, {**roof, "frontend_latency_s": 0.05}),
                                    record_steps=True)).exact
     st_b = sc_b.step_time.build()
-    other = replay(tr, st_b.step_times(tr.features), frontend_latency_s=0.2)
+    other = replay(tr, durations(tr, st_b), frontend_latency_s=0.2)
     truth = simulate(sc_b).bench.metrics
     for k in KEYS:
         assert other[k] == pytest.approx(truth[k], rel=1e-9, abs=1e-9), k
@@ -157,6 +157,6 @@ def test_replay_equals_simulation_whenever_it_says_it_is_exact(data, a, b):
             assert same[k] == pytest.approx(rec.bench.metrics[k], rel=1e-9, abs=1e-6), k
         if tr.exact_at(b["frontend_latency_s"]):
             truth = simulate(sc_b).bench.metrics
-            other = replay(tr, sc_b.step_time.build().step_times(tr.features), frontend_latency_s=b["frontend_latency_s"])
+            other = replay(tr, durations(tr, sc_b.step_time.build()), frontend_latency_s=b["frontend_latency_s"])
             for k in KEYS:
                 assert other[k] == pytest.approx(truth[k], rel=1e-9, abs=1e-6), k
