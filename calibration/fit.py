@@ -192,6 +192,8 @@ class StepTimeFit:
     loss_: float = math.nan
     candidates_: list[dict] = field(default_factory=list)
     x_: np.ndarray | None = None  # the fitted point in the optimiser's coordinates (see _vec)
+    train_cases_: list | None = None
+    uncertainty_: object | None = None  # calibration.interval.Uncertainty, once asked for
     jacobian_: np.ndarray | None = None  # d(data residuals)/dx at x_, one row per fitted number
     eager_: bool = True  # some training row runs without CUDA graphs: the launch floor is fitted
     overlap_: bool = False  # some training row's engine overlaps CPU and GPU: the CPU's part is fitted
@@ -302,6 +304,8 @@ class StepTimeFit:
         self.coeffs_, self.hardware_, self.kv_cache_tokens_, self.loss_ = (
             best["coeffs"], best["hardware"], best["kv_cache_tokens"], best["loss"])
         self.x_, self.jacobian_ = self._vec(best["coeffs"]), best["jacobian"]
+        self.train_cases_ = list(cases)  # what an interval is checked against (calibration.interval)
+        self.uncertainty_ = None
         return self
 
     def _candidate(self, cases, hw, st, kv, procs) -> dict:
@@ -544,8 +548,11 @@ class StepTimeFit:
         return (int(round(self.kv_bounds[0] / 16) * 16), int(round(self.kv_bounds[1] / 16) * 16))
 
     def to_profile(self, name: str, fit_info: dict) -> Profile:
+        from .interval import Uncertainty  # (it builds on this module)
+
         info = {"loss_mean_sq_log_ratio": float(f"{self.loss_:.6g}"), "hardware_candidates": self.candidates_hw(),
-                **fit_info, "units": {k: v for k, v in PLAUSIBLE_UNITS.items()}}
+                **fit_info, "units": {k: v for k, v in PLAUSIBLE_UNITS.items()},
+                **Uncertainty.of_fit(self).to_fit_info()}
         return Profile(name=name, model=self.model, hardware=self.hardware_, tp=self.tp, coeffs=self.coeffs_,
                        kv_cache_tokens=self.kv_cache_tokens_, fit=info)
 

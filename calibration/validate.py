@@ -61,7 +61,10 @@ def fitter_for(split: Split, processes: int | None = None, progress: bool = Fals
 
 
 def validate(split_name: str, processes: int | None = None, progress: bool = True,
-             write_profile: bool = True, out_dir: Path | None = None) -> ValidationResult:
+             write_profile: bool = True, out_dir: Path | None = None, interval: float | None = None,
+             interval_draws: int = 20) -> ValidationResult:
+    """Fit a split's training rows, predict every row; with `interval` (a coverage, e.g. 0.9),
+    also each predicted row's interval and how often the measured values fall inside."""
     t0 = time.perf_counter()
     split = load_split(split_name)
     all_cases, _ = cases(split)
@@ -72,6 +75,13 @@ def validate(split_name: str, processes: int | None = None, progress: bool = Tru
     pred["train"] = pred["row_id"].isin(split.train)
     held = pred[~pred["train"]]
     assert not set(held["row_id"]) & set(split.train)  # never report a fitted row as a prediction
+    if interval is not None:
+        from .interval import case_intervals
+
+        iv = case_intervals(fitter, [c for c in all_cases if c.row_id not in split.train], interval,
+                            interval_draws, processes, progress)
+        pred = pred.merge(iv, on=["row_id", "metric"], how="left")
+        held = pred[~pred["train"]]
 
     rows, failures = [], []
     for m in split.metrics:
@@ -82,6 +92,11 @@ def validate(split_name: str, processes: int | None = None, progress: bool = Tru
         rows.append({"metric": m, "predicted_rows": len(ape), "median_ape_pct": med,
                      "max_ape_pct": float(ape.max()) if len(ape) else float("nan"),
                      "target_median_ape_pct": target, "ok": ok})
+        if interval is not None:
+            inside = held.loc[held["metric"] == m, "inside"].dropna()
+            rows[-1][f"inside_{interval * 100:g}pct_interval"] = \
+                f"{int(inside.sum())}/{len(inside)}" if len(inside) else "-"
+
         if not ok:
             failures.append(f"{split.name}: {m} median APE {med:.1f} % > target {target} %")
     for rid, (measured, tol) in split.count_targets.items():
@@ -131,6 +146,13 @@ def write_report(res: ValidationResult, out: Path) -> None:
         tgt = "–" if r["target_median_ape_pct"] is None or pd.isna(r["target_median_ape_pct"]) else f"≤ {r['target_median_ape_pct']:g}"
         lines.append(f"| {r['metric']} | {r['predicted_rows']} | {r['median_ape_pct']:.1f} | {r['max_ape_pct']:.1f} "
                      f"| {tgt} | {'yes' if r['ok'] else 'NO'} |")
+    cov = [c for c in res.summary.columns if c.startswith("inside_")]
+    if cov:
+        pct = cov[0].removeprefix("inside_").removesuffix("pct_interval")
+        lines += ["", f"Predicted rows whose measured value falls inside their {pct} % prediction interval "
+                  "(`calibration/interval.py`: coefficients drawn from the fit's covariance, other workload seeds, "
+                  "the training rows' residual error): " + ", ".join(
+                      f"{r['metric']} {r[cov[0]]}" for _, r in res.summary.iterrows()) + "."]
     if res.failures:
         lines += ["", "Missed: " + "; ".join(res.failures)]
     lines += ["", "## Fitted parameters", "",

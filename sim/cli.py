@@ -146,6 +146,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         Path(args.output_json).write_text(text)
     if args.output_requests:
         res.bench.requests.to_csv(args.output_requests, index=False)
+    if args.interval is not None:
+        from calibration.interval import format_interval, scenario_interval
+
+        iv = scenario_interval(sc, args.interval / 100, args.interval_draws, progress=not args.quiet)
+        print(format_interval(iv, args.interval / 100, args.interval_draws))
     return 0
 
 
@@ -157,7 +162,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     failed = []
     for name in names:
         res = validate(name, processes=args.processes, progress=not args.no_progress,
-                       write_profile=not args.no_profile)
+                       write_profile=not args.no_profile,
+                       interval=None if args.interval is None else args.interval / 100,
+                       interval_draws=args.interval_draws)
         print(f"== {name}: fitted on {', '.join(res.split.train)}; hardware {res.fitter.hardware_}"
               + (f", KV {res.fitter.kv_cache_tokens_} tokens" if res.fitter.kv_cache_tokens_ else "")
               + f"; {res.seconds:.0f} s")
@@ -341,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "running, waiting, KV usage %%, prompt and generation tokens/s per GPU, preemptions, "
                         "prefix-cache hit rate")
     r.add_argument("--timeseries-interval", type=float, default=1.0, metavar="S", help="interval in seconds (default 1)")
+    r.add_argument("--interval", type=float, metavar="PCT",
+                   help="also print a PCT %% prediction interval (e.g. 90) from the profile's fit: coefficients "
+                        "drawn from its covariance, other workload seeds, its residual error")
+    r.add_argument("--interval-draws", type=int, default=20, metavar="N",
+                   help="simulations behind --interval (default 20)")
     r.add_argument("-q", "--quiet", action="store_true", help="print only the report")
     r.set_defaults(func=_cmd_run)
 
@@ -356,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--processes", type=int, help="simulation processes (default: all cores)")
     v.add_argument("--no-profile", action="store_true", help="do not rewrite calibration/profiles/")
     v.add_argument("--no-progress", action="store_true", help="no progress bars")
+    v.add_argument("--interval", type=float, metavar="PCT",
+                   help="also give each predicted row a PCT %% interval (e.g. 90) and report how often the "
+                        "measured value falls inside")
+    v.add_argument("--interval-draws", type=int, default=20, metavar="N", help="simulations per row (default 20)")
     v.add_argument("--allow-poor-fit", action="store_true",
                    help="exit 0 even when a fit misses its own training rows by more than 25 %% or has a "
                         "coefficient on a bound (targets missed still exit 1)")
