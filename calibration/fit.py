@@ -59,15 +59,21 @@ class RowCase:
     row_id: str
     measured: dict[str, float]
     scenario: dict  # raw scenario data; its step_time table is replaced while fitting
+    # A row predicted across a transfer: another model, GPU or TP than the fit's (its step time
+    # keys), and its own engine's KV pool rather than the one the fit searched for. Never on a
+    # training row (`StepTimeFit.fit` refuses it).
+    step: dict = field(default_factory=dict)
+    kv_tokens: int | None = None
 
 
 def _with(case: RowCase, step_time: dict, kv_tokens: int | None, seed: int) -> dict:
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in case.scenario.items()}
-    data["step_time"] = step_time
+    data["step_time"] = {**step_time, **case.step}
     data.setdefault("workload", {})["seed"] = seed
-    if kv_tokens is not None:
+    kv = case.kv_tokens if case.kv_tokens is not None else kv_tokens
+    if kv is not None:
         data["engine"].pop("num_gpu_blocks_override", None)
-        data["engine"]["kv_cache_tokens"] = int(kv_tokens)
+        data["engine"]["kv_cache_tokens"] = int(kv)
     return data
 
 
@@ -264,6 +270,10 @@ class StepTimeFit:
             return self._fit(cases)
 
     def _fit(self, cases: list[RowCase]) -> StepTimeFit:
+        moved = [c.row_id for c in cases if c.step or c.kv_tokens is not None]
+        if moved:
+            raise ValueError(f"training rows {moved} are of another model, GPU or KV pool than the fit's: "
+                             "a transfer row can only be predicted")
         self._solved = {}  # optimisations already run, by the traces they ran on
         self.eager_ = any(_eager(c.scenario) for c in cases)
         self.overlap_ = any(_overlaps(c.scenario) for c in cases)

@@ -48,6 +48,13 @@ class Split:
     fixed: dict = field(default_factory=dict)  # coefficients held, not fitted (StepTimeFit.fixed)
     targets: dict[str, float] = field(default_factory=dict)  # metric -> max median APE (%) on predicted rows
     count_targets: dict[str, list[float]] = field(default_factory=dict)  # row -> [measured, tolerance]
+    # Rows of another engine predicted with the fit's step time (a transfer across engines): each
+    # entry's `where` selects rows by column, whose KV pool is that engine's memory formula
+    # (memory_fraction, reserve_gib) instead of the pool the fit found for its own engine.
+    own_kv: list[dict] = field(default_factory=list)
+    # column -> value(s): of the rows not trained on, only these are predicted (a transfer split
+    # reports the transfer alone, not the fitted configuration's other rows)
+    predict_rows: dict = field(default_factory=dict)
     notes: str = ""
 
 
@@ -55,14 +62,25 @@ class Split:
         """The pool the engine's memory formula gives for this split's model, hardware and TP."""
         if not self.kv_prior:
             return None
+        return self._formula_tokens(self.kv_prior, "kv_prior")
+
+    def _formula_tokens(self, formula: dict, key: str) -> int:
         if not isinstance(self.hardware, str):
-            raise ValueError(f"split {self.name}: kv_prior needs one hardware, not {self.hardware}")
-        extra = set(self.kv_prior) - {"memory_fraction", "reserve_gib"}
-        if extra or "memory_fraction" not in self.kv_prior:
-            raise ValueError(f"split {self.name}: kv_prior takes memory_fraction and reserve_gib, got {sorted(self.kv_prior)}")
+            raise ValueError(f"split {self.name}: {key} needs one hardware, not {self.hardware}")
+        extra = set(formula) - {"memory_fraction", "reserve_gib", "where"}
+        if extra or "memory_fraction" not in formula:
+            raise ValueError(f"split {self.name}: {key} takes memory_fraction and reserve_gib, got {sorted(formula)}")
         tokens = kv_capacity_tokens(load_model_spec(self.model), load_hardware_spec(self.hardware), self.tp,
-                                    float(self.kv_prior["memory_fraction"]), float(self.kv_prior.get("reserve_gib", 0.0)))
+                                    float(formula["memory_fraction"]), float(formula.get("reserve_gib", 0.0)))
         return int(round(tokens / 16) * 16)
+
+    def own_kv_tokens(self, row: pd.Series) -> int | None:
+        """A row's own KV pool when an `own_kv` entry selects it (a row of another engine)."""
+        for entry in self.own_kv:
+            where = entry.get("where", {})
+            if where and all(col in row and row[col] == val for col, val in where.items()):
+                return self._formula_tokens(entry, "own_kv")
+        return None
 
 
 def splits_dir() -> Path:
@@ -108,6 +126,11 @@ def select_rows(split: Split) -> pd.DataFrame:
     if len(set(ids)) != len(ids):
         raise ValueError(f"split {split.name}: row_id template {split.row_id!r} does not make ids unique")
     df = df.assign(row_id=ids).set_index("row_id", drop=False)
+    if split.predict_rows:
+        keep = df.index.isin(split.train)
+        for col, val in split.predict_rows.items():
+            keep |= df[col].isin(val if isinstance(val, list) else [val]).to_numpy()
+        df = df[keep]
     unknown = [r for r in split.train if r not in df.index]
     if unknown:
         raise ValueError(f"split {split.name}: training rows {unknown} are not in the table")
@@ -141,11 +164,15 @@ def cases(split: Split) -> tuple[list[RowCase], pd.DataFrame]:
             if run is None:
                 raise ValueError(f"split {split.name}: row {rid} ({row['engine']}) is not a simulated engine")
             data = {"name": rid, **run.case.scenario}
+            # another model of the family (or GPU, TP) than the split fits: predicted with its own spec
+            step = {k: v for k, v in (("model", run.model), ("hardware", run.hardware), ("tp", run.tp))
+                    if v != getattr(split, k)}
         else:
             path = ROOT / split.scenario.format(**row_fields(row))
             data = _read_toml(path)
             data.setdefault("name", path.stem)
+            step = {}
         _check_row_matches(split, rid, row, data)
         measured = {m: float(row[m]) for m in SIM_KEY if m in row and not pd.isna(row[m])}
-        out.append(RowCase(rid, measured, data))
+        out.append(RowCase(rid, measured, data, step=step, kv_tokens=split.own_kv_tokens(row)))
     return out, df

@@ -108,7 +108,7 @@ def validate(split_name: str, processes: int | None = None, progress: bool = Tru
     res = ValidationResult(split, fitter, pred, summary, failures, time.perf_counter() - t0,
                            check_fit(fitter, train, pred=pred))
 
-    if write_profile:
+    if write_profile and split.profile:  # (a transfer split writes none: its fit is another split's)
         prof = fitter.to_profile(split.profile, {
             "data_source": f"calibration/data/{split.table.name}",
             "split": f"calibration/splits/{split.name}.toml",
