@@ -59,10 +59,11 @@ class RowCase:
     row_id: str
     measured: dict[str, float]
     scenario: dict  # raw scenario data; its step_time table is replaced while fitting
-    # A row predicted across a transfer: another model, GPU or TP than the fit's (its step time
-    # keys), and its own engine's KV pool rather than the one the fit searched for. Never on a
-    # training row (`StepTimeFit.fit` refuses it).
+    # A row of another model or TP than the fit's (its step time keys): predicted across a
+    # transfer, or one of the rows of a fit across the models run on one GPU (`StepTimeFit` with
+    # rows of several models: one efficiency set for the GPU). Another GPU is never fitted.
     step: dict = field(default_factory=dict)
+    # its own engine's KV pool rather than the one the fit searches for (never a training row)
     kv_tokens: int | None = None
 
 
@@ -203,6 +204,7 @@ class StepTimeFit:
     jacobian_: np.ndarray | None = None  # d(data residuals)/dx at x_, one row per fitted number
     eager_: bool = True  # some training row runs without CUDA graphs: the launch floor is fitted
     overlap_: bool = False  # some training row's engine overlaps CPU and GPU: the CPU's part is fitted
+    multi_tp_: bool = False  # some training row (of another model) runs at TP > 1: the link is fitted
 
     def _names(self) -> list[str]:
         """The coefficients the fit moves: TP communication only with TP > 1, the launch floor only
@@ -211,7 +213,8 @@ class StepTimeFit:
         grow with the batch), none it holds fixed."""
         names = ["step_overhead_s", "per_seq_s"] + (["launch_overhead_s"] if self.eager_ else []) \
             + ["prefill_overhead_s", "frontend_latency_s", "compute_efficiency", "memory_efficiency"] \
-            + (["comm_efficiency"] if self.tp > 1 else []) + (["cpu_overhead_s"] if self.overlap_ else [])
+            + (["comm_efficiency"] if self.tp > 1 or self.multi_tp_ else []) \
+            + (["cpu_overhead_s"] if self.overlap_ else [])
         return [n for n in names if n not in self.fixed]
 
     def _base(self) -> RooflineCoefficients:
@@ -270,10 +273,11 @@ class StepTimeFit:
             return self._fit(cases)
 
     def _fit(self, cases: list[RowCase]) -> StepTimeFit:
-        moved = [c.row_id for c in cases if c.step or c.kv_tokens is not None]
+        moved = [c.row_id for c in cases if "hardware" in c.step or c.kv_tokens is not None]
         if moved:
-            raise ValueError(f"training rows {moved} are of another model, GPU or KV pool than the fit's: "
+            raise ValueError(f"training rows {moved} are of another GPU or KV pool than the fit's: "
                              "a transfer row can only be predicted")
+        self.multi_tp_ = any(c.step.get("tp", self.tp) > 1 for c in cases)
         self._solved = {}  # optimisations already run, by the traces they ran on
         self.eager_ = any(_eager(c.scenario) for c in cases)
         self.overlap_ = any(_overlaps(c.scenario) for c in cases)
@@ -489,7 +493,9 @@ class StepTimeFit:
         finds, in half the time. Ties keep the earlier start: nothing depends on the machine.
         `x0` (a later round, on runs simulated at x0) is one more start."""
         lo, hi = self._bounds()
-        terms = [st.with_facts(t.facts).step_terms(t.features) for t in traces]
+        ns = len(self.seeds)
+        terms = [self._row_model(st, cases[i // ns]).with_facts(t.facts).step_terms(t.features)
+                 for i, t in enumerate(traces)]
 
         def fun(x):
             return self._residuals(cases, st, traces, terms, self._to_coeffs(x))
@@ -506,6 +512,14 @@ class StepTimeFit:
         coeffs = self._to_coeffs(best.x)
         data = self._residuals(cases, st, traces, terms, coeffs, with_prior=False)
         return coeffs, float(np.mean(data**2)), best.jac[:len(data)]
+
+    def _row_model(self, st: RooflineStepTime, case: RowCase) -> RooflineStepTime:
+        """The step model a row's steps are timed with: the fit's, or its own model and TP on the
+        fit's GPU (a fit across the models run on one GPU)."""
+        if not case.step:
+            return st
+        return RooflineStepTime(load_model_spec(case.step.get("model", self.model)), st.hardware,
+                                int(case.step.get("tp", self.tp)))
 
     def _sim_loss(self, cases, hw, coeffs, kv, procs) -> float:
         return self._loss(cases, self._predict_metrics(cases, hw, coeffs, kv, procs))

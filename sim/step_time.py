@@ -66,6 +66,11 @@ class EngineFacts:
     graph_sizes: tuple[int, ...] = ()
     graph_mixed: bool = False
 
+    def __reduce__(self):
+        # (a frozen class compiled by mypyc cannot be unpickled field by field; traces carry these
+        # facts back from the fit's worker processes)
+        return (EngineFacts, (self.overlap, self.graph_sizes, self.graph_mixed))
+
     def pad_table(self) -> list[int]:
         """pad[t]: the tokens a batch of t tokens computes, for t up to the largest graph."""
         if not self.graph_sizes:

@@ -41,9 +41,48 @@ def test_a_cross_engine_split_keeps_each_engine_and_the_other_engines_pool():
     assert sc.engine.scheduler == "sglang" and sc.engine.kv_cache_tokens == 100_192
 
 
-def test_a_transfer_row_is_never_fitted():
-    split = load_split("gpustack-qwen3-14b-to-32b")
+def test_a_row_of_another_engines_pool_is_never_fitted():
+    """Rows of other models on the same GPU may be fitted together (one efficiency set per GPU,
+    experiments/gpu_shared.py); a row of another engine's KV pool or another GPU only predicted."""
+    split = load_split("seed002-vllm-to-sglang")
     rows, _ = cases(split)
-    fit = StepTimeFit(model="qwen3-14b", hardware="a100-80g")
+    fit = StepTimeFit(model="deepseek-r1-fp8", hardware="h20", tp=8)
     with pytest.raises(ValueError, match="can only be predicted"):
-        fit.fit([c for c in rows if c.step][:1])
+        fit.fit([c for c in rows if c.kv_tokens is not None][:1])
+    moved = rows[0].__class__(rows[0].row_id, rows[0].measured, rows[0].scenario, step={"hardware": "h100-80g"})
+    with pytest.raises(ValueError, match="another GPU"):
+        fit.fit([moved])
+
+
+def test_one_efficiency_set_fitted_across_models_predicts_a_model_it_never_saw():
+    """Runs of two models on one GPU, simulated with one known coefficient set, fitted together
+    (each row timed with its own model spec): a third model's run is predicted as the known set
+    predicts it. The per-GPU calibration's mechanics, with no measurement noise."""
+    from calibration.fit import RowCase
+
+    known = {"step_overhead_s": 0.004, "per_seq_s": 2e-5, "prefill_overhead_s": 0.003, "frontend_latency_s": 0.01,
+             "compute_efficiency": 0.5, "memory_efficiency": 0.75}
+
+    def run(model, n, inp, out, coeffs):
+        data = {"engine": {"scheduler": "vllm-v1", "max_model_len": 8192, "kv_cache_tokens": 200_000},
+                "workload": {"client": "vllm", "dataset_name": "random", "num_prompts": n, "random_input_len": inp,
+                             "random_output_len": out, "random_range_ratio": 0.0, "request_rate": "inf"},
+                "step_time": {"model": model, "hardware": "h100-80g", **coeffs}}
+        from sim.runner import simulate
+
+        return data, simulate(scenario_from_dict(data)).bench.metrics
+
+    rows = []
+    for model, n, inp, out in [("llama-3.1-8b", 16, 256, 64), ("llama-3.1-8b", 64, 1024, 32),
+                               ("qwen3-14b", 32, 512, 64), ("qwen3-14b", 8, 2048, 128)]:
+        data, m = run(model, n, inp, out, known)
+        rows.append(RowCase(f"{model}-{n}", {k: m[k.replace("e2e", "e2el")] for k in
+                                             ("mean_ttft_ms", "mean_tpot_ms", "output_throughput")},
+                            {k: v for k, v in data.items() if k != "step_time"},
+                            step={} if model == "llama-3.1-8b" else {"model": model}))
+    fit = StepTimeFit(model="llama-3.1-8b", hardware="h100-80g").fit(rows)
+    data, truth = run("qwen3-32b", 24, 768, 96, known)
+    new = RowCase("qwen3-32b", {"mean_tpot_ms": truth["mean_tpot_ms"], "mean_ttft_ms": truth["mean_ttft_ms"]},
+                  {k: v for k, v in data.items() if k != "step_time"}, step={"model": "qwen3-32b"})
+    pred = fit.predict([new]).set_index("metric")
+    assert pred.loc["mean_tpot_ms", "ape_pct"] < 3 and pred.loc["mean_ttft_ms", "ape_pct"] < 5, pred
