@@ -552,6 +552,11 @@ class StepTimeConfig(_Strict):
             )
         if self.profile is None and (self.model is None) != (self.hardware is None):
             raise ValueError("the roofline model needs both model and hardware (or a profile)")
+        shared = ("step_overhead_s", "per_seq_s")
+        only = [k for k in self._ROOFLINE if k not in shared and getattr(self, k) is not None]
+        if not roofline and only:
+            raise ValueError(f"{', '.join(only)}: roofline coefficient(s), need a profile or model + hardware "
+                             "(the linear model has per_prefill_token_s, per_decode_seq_s, ...)")
         return self
 
     def build(self):

@@ -33,13 +33,14 @@ BASE = {
 KEYS = {
     "engine": ["scheduler", "version", "max_model_len", "max_num_batched_tokens", "max_num_seqs", "block_size",
                "num_gpu_blocks_override", "kv_cache_tokens", "enable_chunked_prefill", "enable_prefix_caching",
-               "num_speculative_tokens", "spec_acceptance_rate", "gpu_memory_gib", "chunked_prefill_size", "nonsense"],
+               "num_speculative_tokens", "spec_acceptance_rate", "gpu_memory_gib", "chunked_prefill_size",
+               "async_scheduling", "disable_overlap_schedule", "cuda_graph_max_bs", "enforce_eager", "nonsense"],
     "workload": ["client", "dataset_name", "num_prompts", "request_rate", "burstiness", "max_concurrency", "seed",
                  "random_input_len", "random_output_len", "random_range_ratio", "random_prefix_len", "turns",
                  "think_time_s", "output_len_mean", "ignore_eos", "request_timeout_s", "stages", "trace_path",
                  "trace_time_scale", "shared_prefix", "hash_block_tokens", "session_timing", "nonsense"],
     "step_time": ["step_overhead_s", "per_prefill_token_s", "per_decode_seq_s", "model", "hardware", "tp", "profile",
-                  "nonsense"],
+                  "cpu_overhead_s", "compute_efficiency", "nonsense"],
     "deployment": ["instances", "router", "mode", "prefill_instances", "decode_instances"],
     "report": ["percentile_metrics", "metric_percentiles", "goodput"],
 }

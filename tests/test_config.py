@@ -125,6 +125,14 @@ def test_step_time_rejects_negative_coefficient(tmp_path):
         load_scenario(p)
 
 
+def test_a_roofline_coefficient_on_the_linear_model_is_an_error_not_ignored(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text("[engine]\nmax_model_len = 100\nkv_cache_tokens = 1600\n[step_time]\nper_prefill_token_s = 1e-4\n"
+                 "cpu_overhead_s = 0.01\ncompute_efficiency = 0.5\n")
+    with pytest.raises(ScenarioError, match="compute_efficiency, cpu_overhead_s: roofline coefficient"):
+        load_scenario(p)
+
+
 def test_v1_before_0_9_ignores_chunked_prefill_false():
     """vLLM 0.8.x V1 forces chunked prefill on (the flag is silently overridden)."""
     old = engine_cfg(scheduler="vllm-v1", version="0.8.2", enable_chunked_prefill=False,
