@@ -192,7 +192,6 @@ def scenario_interval(sc, coverage: float, draws: int = 20, progress: bool = Fal
     profile: `draws` simulations, each with coefficients drawn from the fit's covariance and its own
     workload seed (the first: the fitted coefficients and the scenario's seed)."""
     from sim.profile import load_profile
-    from sim.runner import simulate
 
     name = sc.step_time.profile
     if name is None:
@@ -208,21 +207,25 @@ def scenario_interval(sc, coverage: float, draws: int = 20, progress: bool = Fal
     z_of(coverage)  # a bad coverage is refused before any simulation
     over = {k: getattr(sc.step_time, k) for k in sc.step_time._ROOFLINE if getattr(sc.step_time, k) is not None}
     base = RooflineCoefficients(**{**prof.coeffs.as_dict(), **over})
-    samples: dict[str, list[float]] = {m: [] for m in METRICS}
     seed0 = sc.workload.seed
-    coeff_sets = unc.draws(base, draws, seed=seed0)
-    it = enumerate(coeff_sets)
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(it, total=draws, desc="interval draws", leave=False)
-    for i, c in it:
+    runs = []
+    for i, c in enumerate(unc.draws(base, draws, seed=seed0)):
         st = sc.step_time.model_copy(update={k: v for k, v in c.as_dict().items() if k not in over})
         wl = sc.workload.model_copy(update={"seed": (seed0 + i) % 2**32})
-        m = simulate(sc.model_copy(update={"step_time": st, "workload": wl})).bench.metrics
-        for k in METRICS:
-            samples[k].append(float(m.get(k, float("nan"))))
+        runs.append(sc.model_copy(update={"step_time": st, "workload": wl}))
+    import os
+
+    from .fit import _pmap
+
+    out = _pmap(_metrics_of, runs, os.cpu_count() or 1, "interval draws" if progress else None)
+    samples = {k: [float(m.get(k, float("nan"))) for m in out] for k in METRICS}
     return {k: (v[0], *bounds(v, unc.residual(k), coverage)) for k, v in samples.items() if all(np.isfinite(v))}
+
+
+def _metrics_of(sc) -> dict:
+    from sim.runner import simulate
+
+    return simulate(sc).bench.metrics
 
 
 def format_interval(iv: dict[str, tuple], coverage: float, draws: int) -> str:
