@@ -153,6 +153,26 @@ _LIN = {"per_seq_s": (0.0, 0.003), "launch_overhead_s": (0.0, 0.3), "prefill_ove
 # on one metric, far more than the schedule's own noise (~0.5 %), less than a real misfit. (At
 # 0.05, the round trip's dense fit let memory efficiency drift to 0.59 against the true 0.8 and
 # over-predicted TPOT at 3x longer contexts by 6 %; at 0.1, memory 0.65 and +2.6 %.)
+
+
+def coordinate_bounds(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The bounds of the named coefficients in the optimiser's coordinates."""
+    lo, hi = [], []
+    for n in names:
+        a, b = _LOG.get(n) or _LIN[n]
+        lo.append(math.log(a) if n in _LOG else a / _LIN[n][1])
+        hi.append(math.log(b) if n in _LOG else 1.0)
+    return np.array(lo), np.array(hi)
+
+
+def coeffs_at(names: list[str], x: np.ndarray, base: dict) -> RooflineCoefficients:
+    """The coefficients at point `x` of the optimiser's coordinates; the others from `base`."""
+    vals = dict(base)
+    for name, v in zip(names, x):
+        vals[name] = float(np.exp(v)) if name in _LOG else float(v) * _LIN[name][1]
+    return RooflineCoefficients(**vals)
+
+
 _PRIOR = {"compute_efficiency": 0.4, "memory_efficiency": 0.7, "comm_efficiency": 0.5}
 _PRIOR_WEIGHT = 0.1
 # Costs a step may or may not have, pulled toward none: the rows often cannot tell a per-prefill-
@@ -224,18 +244,10 @@ class StepTimeFit:
     # as the fraction of its upper bound. Finite differences then move every coefficient by a
     # like amount (in seconds, a relative step of 1e-2 would move per_seq_s by 3x its range).
     def _to_coeffs(self, x: np.ndarray) -> RooflineCoefficients:
-        vals = dict(self.fixed)
-        for name, v in zip(self._names(), x):
-            vals[name] = float(np.exp(v)) if name in _LOG else float(v) * _LIN[name][1]
-        return RooflineCoefficients(**vals)
+        return coeffs_at(self._names(), x, dict(self.fixed))
 
     def _bounds(self):
-        lo, hi = [], []
-        for n in self._names():
-            a, b = _LOG.get(n) or _LIN[n]
-            lo.append(math.log(a) if n in _LOG else a / _LIN[n][1])
-            hi.append(math.log(b) if n in _LOG else 1.0)
-        return np.array(lo), np.array(hi)
+        return coordinate_bounds(self._names())
 
     def _starts(self) -> list[np.ndarray]:
         """The default coefficients, then scrambled Sobol points inside the bounds (away from

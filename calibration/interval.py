@@ -18,6 +18,7 @@ reports how often the measured value of a row the fit never saw falls inside.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
@@ -25,7 +26,8 @@ import numpy as np
 
 from sim.perf_model import RooflineCoefficients
 
-from .fit import _EXTRA_WEIGHT, _EXTRAS, _LIN, _LOG, _PRIOR, _PRIOR_WEIGHT, StepTimeFit
+from .fit import (_EXTRA_WEIGHT, _EXTRAS, _PRIOR, _PRIOR_WEIGHT, SIM_KEY, StepTimeFit, _pmap, _simulate_metrics,
+                  _with, coeffs_at, coordinate_bounds)
 
 # the metrics an interval is printed for (vLLM's report keys)
 METRICS = ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
@@ -77,8 +79,6 @@ class Uncertainty:
         if not cases:
             return out
         fit.uncertainty_ = out  # (filled in below; a profile and the validation's intervals share it)
-        import os
-
         procs = fit.processes or os.cpu_count() or 1
 
         def train_preds(c):
@@ -128,18 +128,14 @@ class Uncertainty:
         """`k` coefficient sets: the fitted one first, then draws from the covariance, each clipped
         to the fit's bounds; coefficients the fit held fixed keep `base`'s values."""
         rng = np.random.default_rng(seed)
-        lo = np.array([math.log(_LOG[n][0]) if n in _LOG else _LIN[n][0] / _LIN[n][1] for n in self.names])
-        hi = np.array([math.log(_LOG[n][1]) if n in _LOG else 1.0 for n in self.names])
+        lo, hi = coordinate_bounds(self.names)
         # a covariance from a flat valley may be barely positive: factor it through its eigenvalues
         w, v = np.linalg.eigh(self.covariance)
         root = v * np.sqrt(np.clip(w, 0.0, None))
         out = []
         for i in range(k):
             x = self.x if i == 0 else np.clip(self.x + root @ rng.standard_normal(len(self.x)), lo, hi)
-            vals = base.as_dict()
-            for name, xi in zip(self.names, x):
-                vals[name] = float(math.exp(xi)) if name in _LOG else float(xi) * _LIN[name][1]
-            out.append(RooflineCoefficients(**vals))
+            out.append(coeffs_at(self.names, x, base.as_dict()))
         return out
 
 
@@ -153,8 +149,6 @@ def _quantity(metric: str) -> str:
 def _residuals_by_metric(fit: StepTimeFit, cases, preds: list[dict], dof_factor: float) -> dict[str, float]:
     """RMS log error of each fitted metric over the training rows, keyed by the report's metric
     name (`mean_e2el_ms`, not the table's `mean_e2e_ms`), per degree of freedom."""
-    from .fit import SIM_KEY
-
     errs: dict[str, list[float]] = {}
     for c, pr in zip(cases, preds):
         for m in fit.metrics:
@@ -213,10 +207,6 @@ def scenario_interval(sc, coverage: float, draws: int = 20, progress: bool = Fal
         st = sc.step_time.model_copy(update={k: v for k, v in c.as_dict().items() if k not in over})
         wl = sc.workload.model_copy(update={"seed": (seed0 + i) % 2**32})
         runs.append(sc.model_copy(update={"step_time": st, "workload": wl}))
-    import os
-
-    from .fit import _pmap
-
     out = _pmap(_metrics_of, runs, os.cpu_count() or 1, "interval draws" if progress else None)
     samples = {k: [float(m.get(k, float("nan"))) for m in out] for k in METRICS}
     return {k: (v[0], *bounds(v, unc.residual(k), coverage)) for k, v in samples.items() if all(np.isfinite(v))}
@@ -242,11 +232,7 @@ def case_intervals(fit: StepTimeFit, cases: list, coverage: float, draws: int = 
     """Each case's `coverage` interval for every metric it measured, as `scenario_interval` gives
     it, from a fit just made: a table of row_id, metric, low, high and whether the measured value
     is inside."""
-    import os
-
     import pandas as pd
-
-    from .fit import SIM_KEY, _pmap, _simulate_metrics, _with
 
     unc = Uncertainty.of_fit(fit)
     z_of(coverage)

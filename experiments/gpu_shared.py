@@ -29,7 +29,7 @@ OUT = ROOT / "experiments" / "results" / "gpu_shared.md"
 
 
 def _as_row(run, base_model: str, base_tp: int) -> RowCase:
-    step = {k: v for k, v in (("model", run.model), ("tp", run.tp)) if v != {"model": base_model, "tp": base_tp}[k]}
+    step = {k: v for k, v, base in (("model", run.model, base_model), ("tp", run.tp, base_tp)) if v != base}
     return RowCase(run.row_id, run.case.measured, run.case.scenario, step=step)
 
 
