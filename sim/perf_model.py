@@ -2,18 +2,30 @@
 
 For a batch (see `BatchShape`) on one tensor-parallel group:
 
-    compute  = 2·active_params·tokens + 2·hidden·vocab·seqs (lm_head, last positions only)
-               + attention FLOPs per (query, key) pair · (prefill pairs + decode context)
-    memory   = weights read once per step (for MoE: the dense part plus the experts the
-               batch's tokens touch) + KV bytes the decodes read
-    comm     = two all-reduces of the activations per layer (ring, 2·(TP-1)/TP of the bytes)
+    linear    = 2·active_params·tokens + 2·hidden·vocab·seqs (lm_head, last positions only) FLOPs,
+                reading the weights once per step (for MoE: the dense part plus the experts the
+                batch's tokens touch)
+    attention = FLOPs per (query, key) pair · (prefill pairs + decode context), reading the KV
+                the decodes see
+    comm      = two all-reduces of the activations per layer (ring, 2·(TP-1)/TP of the bytes)
 
-    gpu  = max(compute / (peak FLOP/s · compute_efficiency),
-               memory / (HBM bytes/s · memory_efficiency))
-           + comm / (link bytes/s · comm_efficiency)
+    gpu  = max(linear FLOPs / (peak FLOP/s · compute_efficiency), weights / (HBM bytes/s · memory_efficiency))
+           + max(attention FLOPs / (peak FLOP/s · compute_efficiency [· triton_attention_ratio]),
+                 KV bytes / (HBM bytes/s · memory_efficiency))
+           + comm / (link bytes/s · comm_efficiency) + 2·layers·allreduce_latency
     rest = step_overhead_s + per_seq_s·seqs + prefill_overhead_s·[any prompt tokens]
            + max(launch_overhead_s, gpu)
     step = cpu_overhead_s + rest,  or max(cpu_overhead_s, rest) when the engine overlaps them
+
+The linear layers and the attention are separate kernels that run one after the other, each
+bound by its own resource, so their times add: a 2,048-token prompt chunk keeps the GEMMs
+compute-bound while 256 decodes beside it make the attention read their KV (one max over the
+step's totals hid those reads behind the GEMMs, and under-predicted TPOT of long-prompt runs).
+
+Sliding-window layers (gpt-oss) count at most `sliding_window` keys per query in the attention
+FLOPs and the KV reads. `allreduce_latency` is the hardware's small-message all-reduce time (a
+fact of the spec, not fitted): the floor that makes a deep model on a wide TP group pay per
+step whatever its batch, and that a fit on one TP size must not fold into step_overhead_s.
 
 The engine's own facts (`sim.step_time.EngineFacts`, from its flags and version) enter twice:
 a batch that runs in a CUDA graph computes its padding (the linear layers and the all-reduces
@@ -36,7 +48,9 @@ tokens (prefill attention metadata, the eager prefill path when only decodes hav
 graphs); it is what makes a 128-token prefill cost more than a decode step. `frontend_latency_s`
 is not a step cost: it is the time from the client sending a request to the scheduler
 seeing it (HTTP, tokenisation, the API server's hop to the engine process), which every
-TTFT contains and no token gap does.
+TTFT contains and no token gap does. `frontend_per_request_s` is the wait of a burst in front of
+the scheduler per request in it: N requests sent together reach the scheduler N of those later,
+all together (sim.engine.Engine._ingest_round says why it is fitted, not derived).
 
 Every quantity is per device (tensor parallelism divides FLOPs and weights, and GQA KV;
 MLA's latent KV is replicated on every rank). The efficiencies are the fitted
@@ -98,6 +112,27 @@ class ModelSpec:
     shared_experts: int = 0
     moe_intermediate_size: int = 0
     first_dense_layers: int = 0
+    # sliding-window attention (gpt-oss): `sliding_window_layers` of the layers see only the last
+    # `sliding_window` tokens, so their attention FLOPs and KV reads stop growing with the context
+    sliding_window: int = 0
+    sliding_window_layers: int = 0
+    # what an engine reported holding for the weights on one device (TP 1), when it differs from
+    # the shapes' count (kernels that repack quantised weights); 0: the shapes' count. It sizes
+    # the KV pool only: the bytes a step reads stay the shapes' count.
+    loaded_weights_gib: float = 0.0
+    # learned attention sinks (gpt-oss): FlashAttention 2 has none, so vLLM and SGLang run such a
+    # model's attention on their Triton kernels before Hopper
+    attention_sinks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sliding_window_layers and not (0 < self.sliding_window_layers <= self.num_layers and self.sliding_window > 0):
+            raise ValueError(f"model spec {self.name}: sliding_window_layers must be in 1..num_layers "
+                             f"({self.num_layers}) with sliding_window > 0")
+
+    @property
+    def window_fraction(self) -> float:
+        """The share of the layers whose attention sees only the last `sliding_window` tokens."""
+        return self.sliding_window_layers / self.num_layers if self.sliding_window else 0.0
 
     @property
     def is_mla(self) -> bool:
@@ -181,6 +216,10 @@ class HardwareSpec:
     hbm_bandwidth_gbps: float
     peak_tflops: dict[str, float]
     interconnect_gbps: float = 0.0
+    # one small-message all-reduce across the tensor-parallel group, as captured in a CUDA graph:
+    # the floor every all-reduce pays whatever its bytes (the spec file says where it comes from)
+    allreduce_latency_us: float = 0.0
+    arch: str = ""  # ampere, ada, hopper, blackwell, ascend: which attention kernels the engines pick
 
     def compute_dtype(self, dtype: str) -> str:
         """What the matmuls run in: FP8 weights on a device without FP8 tensor cores (A100, Ascend
@@ -242,9 +281,15 @@ def kv_capacity_tokens(
     model: ModelSpec, hw: HardwareSpec, tp: int, gpu_memory_utilization: float, reserve_gib: float
 ) -> int:
     """vLLM-style KV budget: memory x utilization - weights - a non-KV reserve (activations,
-    CUDA context, communication buffers), divided by the KV bytes of one token, per device."""
-    free = hw.memory_gib * GIB * gpu_memory_utilization - model.weight_bytes_total() / tp - reserve_gib * GIB
-    return max(0, int(free // model.kv_bytes_per_token(tp)))
+    CUDA context, communication buffers), divided by the KV bytes of one token, per device.
+
+    Sliding-window layers hold only their window per request (vLLM V1's hybrid KV cache manager,
+    SGLang's SWA pool), so a token of context costs the pool the full-attention layers' bytes.
+    The windows themselves (~window + one chunk per running request) are not charged: for
+    gpt-oss at 256 running requests that is under 3 % of an A100's pool."""
+    weights = model.loaded_weights_gib * GIB if model.loaded_weights_gib else model.weight_bytes_total()
+    free = hw.memory_gib * GIB * gpu_memory_utilization - weights / tp - reserve_gib * GIB
+    return max(0, int(free // (model.kv_bytes_per_token(tp) * (1.0 - model.window_fraction))))
 
 
 # --- the step-time model -------------------------------------------------------------------
@@ -261,6 +306,13 @@ class RooflineCoefficients:
     memory_efficiency: float = 0.7
     comm_efficiency: float = 0.5
     cpu_overhead_s: float = 0.0
+    # the FLOP rate of the Triton attention kernels as a multiple of the linear layers' (1: the
+    # same), for models that run on them (`RooflineStepTime.triton_attention`); FlashAttention
+    # backends count attention at compute_efficiency
+    triton_attention_ratio: float = 1.0
+    # a burst's wait in front of the scheduler per request in it; requests sent together reach
+    # the scheduler together (sim.engine.Engine._ingest_round)
+    frontend_per_request_s: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -276,6 +328,8 @@ PLAUSIBLE = {
     "memory_efficiency": (0.2, 0.95),
     "comm_efficiency": (0.05, 1.0),
     "cpu_overhead_s": (0.0, 0.1),
+    "triton_attention_ratio": (0.1, 1.5),
+    "frontend_per_request_s": (0.0, 0.02),
 }
 
 
@@ -298,16 +352,27 @@ class RooflineStepTime:
         # ideal seconds per unit, per device
         self._s_per_token_flop = 2.0 * m.layer_params_active() / tp / peak
         self._s_per_seq_flop = 2.0 * m.hidden_size * m.vocab_size / tp / peak
-        self._s_per_pair = m.attention_flops_per_pair() / tp / peak
+        # attention: layers that see the whole context, and sliding-window layers that see at most
+        # `window` tokens per query (their pairs and KV reads: min(the batch's, window x tokens))
+        full, win = 1.0 - m.window_fraction, m.window_fraction
+        self._window = m.sliding_window if win else 0
+        # vLLM's gpt-oss recipe: on Ampere it runs TRITON_ATTN (FlashAttention 2 has no sinks)
+        self.triton_attention = m.attention_sinks and hw.arch in ("ampere", "ada")
+        self._s_per_pair = m.attention_flops_per_pair() * full / tp / peak
+        self._s_per_win_pair = m.attention_flops_per_pair() * win / tp / peak
         self._s_static_mem = (m.weight_bytes_total() - self._expert_bytes_all()) / tp / bw
         self._s_per_expert = m.num_moe_layers * m.expert_params() * m.bytes_per_weight / tp / bw
-        self._s_per_ctx_token = m.kv_bytes_per_token(tp) / bw
+        self._s_per_ctx_token = m.kv_bytes_per_token(tp) * full / bw
+        self._s_per_win_ctx = m.kv_bytes_per_token(tp) * win / bw
         link = hw.interconnect_gbps * 1e9
         if tp > 1 and link <= 0:
             raise ValueError(f"hardware {hw.name}: tp={tp} needs interconnect_gbps")
+        # two all-reduces per layer: a bandwidth part per token (ring: 2(TP-1)/TP of the bytes)
+        # and a latency floor per all-reduce that no batch size amortises
         self._s_comm_per_token = (
             m.num_layers * 2 * m.hidden_size * 2 * 2 * (tp - 1) / tp / link if tp > 1 else 0.0
         )
+        self._s_comm_latency = m.num_layers * 2 * hw.allreduce_latency_us * 1e-6 if tp > 1 else 0.0
         self._pad = self.facts.pad_table()
         self._pad_array = np.array(self._pad, dtype=float)
         self._overlap = self.facts.overlap
@@ -327,6 +392,16 @@ class RooflineStepTime:
             graphed &= prefill_tokens == 0
         return np.where(graphed, self._pad_array[np.where(graphed, tokens, 0).astype(np.int64)], tokens)
 
+    def _window_terms(self, prefill_pairs, prefill_tokens, ctx, decode_seqs):
+        """(pairs, KV tokens read) of the sliding-window layers: a query sees at most `window`
+        keys, so a prefill chunk's pairs are capped at window x its tokens and a decode's context
+        at window. Batch totals stand in for per-request minima (exact once contexts pass the
+        window, an overcount below it)."""
+        w = self._window
+        pairs = np.minimum(prefill_pairs, w * prefill_tokens)
+        reads = np.minimum(ctx, w * decode_seqs)
+        return pairs + reads, reads
+
     def _expert_bytes_all(self) -> float:
         m = self.model
         return m.num_moe_layers * m.num_experts * m.expert_params() * m.bytes_per_weight
@@ -345,15 +420,20 @@ class RooflineStepTime:
         c = self.coeffs
         tokens = b.prefill_tokens + b.decode_seqs + b.spec_tokens
         run = self._run_tokens(tokens, b.prefill_tokens)
-        t_compute = (
-            self._s_per_token_flop * run
-            + self._s_per_seq_flop * b.num_seqs
-            + self._s_per_pair * (b.prefill_attn_pairs + b.decode_ctx_tokens)
-        ) / c.compute_efficiency
-        t_memory = (
-            self._s_static_mem + self._s_per_expert * self._experts_touched(tokens) + self._s_per_ctx_token * b.decode_ctx_tokens
-        ) / c.memory_efficiency
-        t_gpu = max(t_compute, t_memory) + self._s_comm_per_token * run / c.comm_efficiency
+        attention = self._s_per_pair * (b.prefill_attn_pairs + b.decode_ctx_tokens)
+        kv = self._s_per_ctx_token * b.decode_ctx_tokens
+        if self._window:
+            w = self._window
+            reads = min(b.decode_ctx_tokens, w * b.decode_seqs)
+            attention += self._s_per_win_pair * (min(b.prefill_attn_pairs, w * b.prefill_tokens) + reads)
+            kv += self._s_per_win_ctx * reads
+        ratio = c.triton_attention_ratio if self.triton_attention else 1.0
+        lin_c = (self._s_per_token_flop * run + self._s_per_seq_flop * b.num_seqs) / c.compute_efficiency
+        lin_m = (self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)) / c.memory_efficiency
+        att_c = attention / ratio / c.compute_efficiency
+        att_m = kv / c.memory_efficiency
+        t_gpu = max(lin_c, lin_m) + max(att_c, att_m) + (self._s_comm_per_token * run / c.comm_efficiency
+                                                         + self._s_comm_latency)
         prefill = c.prefill_overhead_s if b.prefill_tokens else 0.0
         if self._overlap:  # the CPU plans the next step while the GPU runs this one
             return max(c.cpu_overhead_s, c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill
@@ -363,22 +443,30 @@ class RooflineStepTime:
     # vectorised path for calibration (same arithmetic on columns)
     def step_terms(self, f: np.ndarray) -> tuple:
         """What `step_times` needs of a step-feature matrix that no coefficient changes: ideal
-        compute, memory and communication seconds, sequences, and whether a prefill ran. A fit
-        times the same steps under thousands of coefficient sets; these are computed once."""
+        seconds of the linear layers (FLOPs, weight bytes), of the attention (FLOPs, KV bytes) and
+        of communication, sequences, and whether a prefill ran. A fit times the same steps under
+        thousands of coefficient sets; these are computed once."""
         tokens = f[:, PREFILL_TOKENS] + f[:, DECODE_SEQS] + f[:, SPEC_TOKENS]
         run = self._run_tokens_v(tokens, f[:, PREFILL_TOKENS])
-        compute = (
-            self._s_per_token_flop * run
-            + self._s_per_seq_flop * f[:, SEQS]
-            + self._s_per_pair * (f[:, PREFILL_PAIRS] + f[:, DECODE_CTX])
-        )
-        memory = self._s_static_mem + self._s_per_expert * self._experts_touched(tokens) + self._s_per_ctx_token * f[:, DECODE_CTX]
-        return compute, memory, self._s_comm_per_token * run, f[:, SEQS], f[:, PREFILL_TOKENS] > 0, self._overlap
+        linear = self._s_per_token_flop * run + self._s_per_seq_flop * f[:, SEQS]
+        weights = self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)
+        attention = self._s_per_pair * (f[:, PREFILL_PAIRS] + f[:, DECODE_CTX])
+        kv = self._s_per_ctx_token * f[:, DECODE_CTX]
+        if self._window:
+            pairs, reads = self._window_terms(f[:, PREFILL_PAIRS], f[:, PREFILL_TOKENS], f[:, DECODE_CTX], f[:, DECODE_SEQS])
+            attention = attention + self._s_per_win_pair * pairs
+            kv = kv + self._s_per_win_ctx * reads
+        return (linear, weights, attention, kv, self._s_comm_per_token * run, f[:, SEQS], f[:, PREFILL_TOKENS] > 0,
+                self._overlap, self._s_comm_latency)
 
     def step_times(self, f: np.ndarray, coeffs: RooflineCoefficients | None = None, terms: tuple | None = None) -> np.ndarray:
         c = coeffs or self.coeffs
-        compute, memory, comm, seqs, prefill, overlap = terms if terms is not None else self.step_terms(f)
-        t_gpu = np.maximum(compute / c.compute_efficiency, memory / c.memory_efficiency) + comm / c.comm_efficiency
+        linear, weights, attention, kv, comm, seqs, prefill, overlap, latency = \
+            terms if terms is not None else self.step_terms(f)
+        ratio = c.triton_attention_ratio if self.triton_attention else 1.0
+        t_gpu = (np.maximum(linear / c.compute_efficiency, weights / c.memory_efficiency)
+                 + np.maximum(attention / ratio / c.compute_efficiency, kv / c.memory_efficiency)
+                 + (comm / c.comm_efficiency + latency))
         if overlap:
             return np.maximum(c.cpu_overhead_s, c.step_overhead_s + c.per_seq_s * seqs + c.prefill_overhead_s * prefill
                               + np.maximum(c.launch_overhead_s, t_gpu))
@@ -392,11 +480,17 @@ class RooflineStepTime:
         c = self.coeffs
         tokens = b.prefill_tokens + b.decode_seqs + b.spec_tokens
         run = self._run_tokens(tokens, b.prefill_tokens)
-        compute_fixed = self._s_per_token_flop * run + self._s_per_seq_flop * b.num_seqs
-        t_compute = (compute_fixed + self._s_per_pair * (b.prefill_attn_pairs + ctx)) / c.compute_efficiency
-        memory_fixed = self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)
-        t_memory = (memory_fixed + self._s_per_ctx_token * ctx) / c.memory_efficiency
-        t_gpu = np.maximum(t_compute, t_memory) + self._s_comm_per_token * run / c.comm_efficiency
+        attention = self._s_per_pair * (b.prefill_attn_pairs + ctx)
+        kv = self._s_per_ctx_token * ctx
+        if self._window:
+            pairs, reads = self._window_terms(b.prefill_attn_pairs, b.prefill_tokens, ctx, b.decode_seqs)
+            attention = attention + self._s_per_win_pair * pairs
+            kv = kv + self._s_per_win_ctx * reads
+        ratio = c.triton_attention_ratio if self.triton_attention else 1.0
+        lin_c = (self._s_per_token_flop * run + self._s_per_seq_flop * b.num_seqs) / c.compute_efficiency
+        lin_m = (self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)) / c.memory_efficiency
+        t_gpu = (max(lin_c, lin_m) + np.maximum(attention / ratio / c.compute_efficiency, kv / c.memory_efficiency)
+                 + (self._s_comm_per_token * run / c.comm_efficiency + self._s_comm_latency))
         prefill = c.prefill_overhead_s if b.prefill_tokens else 0.0
         if self._overlap:
             return np.maximum(c.cpu_overhead_s, c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill
@@ -409,21 +503,30 @@ class RooflineStepTime:
         c = self.coeffs
         tokens = b.prefill_tokens + b.decode_seqs + b.spec_tokens
         run = self._run_tokens(tokens, b.prefill_tokens)
-        compute_fixed = self._s_per_token_flop * run + self._s_per_seq_flop * b.num_seqs
-        memory_fixed = self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)
-        comm = self._s_comm_per_token * run / c.comm_efficiency
+        lin_c = (self._s_per_token_flop * run + self._s_per_seq_flop * b.num_seqs) / c.compute_efficiency
+        lin_m = (self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)) / c.memory_efficiency
+        lin = lin_c if lin_c >= lin_m else lin_m  # max(), first of equals
+        comm = self._s_comm_per_token * run / c.comm_efficiency + self._s_comm_latency
         prefill = c.prefill_overhead_s if b.prefill_tokens else 0.0
         fixed = c.cpu_overhead_s + c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill
         rest = c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill
         cpu = c.cpu_overhead_s
-        s_pair, s_ctx, ce, me, launch = self._s_per_pair, self._s_per_ctx_token, c.compute_efficiency, \
-            c.memory_efficiency, c.launch_overhead_s
+        s_pair, s_ctx, ce, me, launch, ratio = self._s_per_pair, self._s_per_ctx_token, c.compute_efficiency, \
+            c.memory_efficiency, c.launch_overhead_s, (c.triton_attention_ratio if self.triton_attention else 1.0)
         pairs, ctx, n, ends, t = b.prefill_attn_pairs, b.decode_ctx_tokens, b.num_seqs, [], now
-        overlap = self._overlap
+        overlap, w = self._overlap, self._window
+        if w:
+            s_wpair, s_wctx, wpairs, wcap = self._s_per_win_pair, self._s_per_win_ctx, \
+                min(pairs, w * b.prefill_tokens), w * b.decode_seqs
         for _ in range(steps):
-            t_compute = (compute_fixed + s_pair * (pairs + ctx)) / ce
-            t_memory = (memory_fixed + s_ctx * ctx) / me
-            t_gpu = (t_memory if t_memory > t_compute else t_compute) + comm  # max(), first of equals
+            if w:  # step_time's sums, in its order
+                reads = ctx if ctx < wcap else wcap
+                att_c = (s_pair * (pairs + ctx) + s_wpair * (wpairs + reads)) / ratio / ce
+                att_m = (s_ctx * ctx + s_wctx * reads) / me
+            else:
+                att_c = s_pair * (pairs + ctx) / ratio / ce
+                att_m = s_ctx * ctx / me
+            t_gpu = lin + (att_c if att_c >= att_m else att_m) + comm
             if overlap:
                 gpu = rest + (t_gpu if t_gpu > launch else launch)
                 t += cpu if cpu >= gpu else gpu
@@ -436,6 +539,10 @@ class RooflineStepTime:
     @property
     def frontend_latency_s(self) -> float:
         return self.coeffs.frontend_latency_s
+
+    @property
+    def frontend_per_request_s(self) -> float:
+        return self.coeffs.frontend_per_request_s
 
     def describe(self) -> dict:
         return {"kind": "roofline", "model": self.model.name, "hardware": self.hardware.name, "tp": self.tp,

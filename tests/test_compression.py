@@ -115,7 +115,7 @@ def test_chunked_run_step_times_are_the_step_by_step_floats(seqs, ctx, chunk, co
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(["linear", "llama", "deepseek-tp8"]), st.integers(1, 512), st.integers(0, 10**6),
+@given(st.sampled_from(["linear", "llama", "deepseek-tp8", "gpt-oss-tp2"]), st.integers(1, 512), st.integers(0, 10**6),
        st.integers(1, 300))
 def test_run_step_times_are_the_step_by_step_floats(kind, seqs, ctx, steps):
     from sim.perf_model import RooflineCoefficients, RooflineStepTime, load_hardware_spec, load_model_spec
@@ -126,6 +126,8 @@ def test_run_step_times_are_the_step_by_step_floats(kind, seqs, ctx, steps):
         "llama": RooflineStepTime(load_model_spec("llama-2-7b"), load_hardware_spec("a100-80g")),
         "deepseek-tp8": RooflineStepTime(load_model_spec("deepseek-r1-fp8"), load_hardware_spec("h20"), 8,
                                          RooflineCoefficients(launch_overhead_s=0.003, per_seq_s=1e-4)),
+        # sliding-window layers: the window caps the context terms inside the run
+        "gpt-oss-tp2": RooflineStepTime(load_model_spec("gpt-oss-120b"), load_hardware_spec("a100-80g"), 2),
     }[kind]
     ctx += seqs
     now = 12.345

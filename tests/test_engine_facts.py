@@ -101,8 +101,9 @@ def test_overlap_hides_the_cpus_part_behind_the_gpus_step_instead_of_adding_it()
 @pytest.mark.parametrize("facts", [EngineFacts(overlap=True, graph_sizes=(1, 2, 4, 8, 16, 32), graph_mixed=True),
                                    EngineFacts(overlap=False, graph_sizes=(1, 2, 4, 8, 16, 32)),
                                    EngineFacts(overlap=True)])
-def test_scalar_vectorised_and_decode_run_paths_give_the_same_floats(facts):
-    st = RooflineStepTime(load_model_spec("qwen2.5-72b-instruct-gptq-int4"), load_hardware_spec("a100-80g"),
+@pytest.mark.parametrize("model,tp", [("qwen2.5-72b-instruct-gptq-int4", 1), ("gpt-oss-120b", 2)])
+def test_scalar_vectorised_and_decode_run_paths_give_the_same_floats(facts, model, tp):
+    st = RooflineStepTime(load_model_spec(model), load_hardware_spec("a100-80g"), tp,
                           coeffs=RooflineCoefficients(step_overhead_s=0.004, per_seq_s=2e-4, prefill_overhead_s=0.01,
                                                       cpu_overhead_s=0.02),
                           facts=facts)

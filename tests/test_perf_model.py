@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -103,3 +105,80 @@ def test_fp8_weights_on_a_device_without_fp8_compute_in_bf16_and_read_8_bits():
     # computes: the same FLOP/s
     assert t["fp8"].step_time(decode) < 0.6 * t["bf16"].step_time(decode)
     assert t["fp8"].step_time(prefill) == pytest.approx(t["bf16"].step_time(prefill), rel=0.02)
+
+
+def _decode(n: int, ctx: int) -> BatchShape:
+    return BatchShape(num_seqs=n, decode_seqs=n, decode_ctx_tokens=n * ctx)
+
+
+def test_every_tensor_parallel_all_reduce_pays_the_links_latency():
+    """Two all-reduces per layer, each with the hardware's small-message latency on top of its
+    bytes: a step on TP 8 pays 2 x layers x latency that no batch size amortises; TP 1 pays none."""
+    model, hw = load_model_spec("llama-3.1-70b"), load_hardware_spec("h100-80g")
+    assert hw.allreduce_latency_us > 0
+    slow = dataclasses.replace(hw, allreduce_latency_us=hw.allreduce_latency_us + 10)
+    c = RooflineCoefficients(step_overhead_s=0.0)
+    for b in (_decode(1, 100), _decode(64, 2000)):
+        extra = RooflineStepTime(model, slow, 8, c).step_time(b) - RooflineStepTime(model, hw, 8, c).step_time(b)
+        assert extra == pytest.approx(2 * model.num_layers * 10e-6, rel=1e-9)
+        assert RooflineStepTime(model, slow, 1, c).step_time(b) == RooflineStepTime(model, hw, 1, c).step_time(b)
+
+
+def test_sliding_window_layers_stop_paying_for_context_past_the_window():
+    """gpt-oss: half the layers attend to the last 128 tokens only. Past the window, a longer
+    context costs only the full-attention layers' share of KV reads; below it, every layer reads
+    the whole context, as a model without windows does."""
+    m, hw = load_model_spec("gpt-oss-120b"), load_hardware_spec("a100-80g")
+    assert (m.sliding_window, m.window_fraction) == (128, 0.5)
+    full = dataclasses.replace(m, sliding_window=0, sliding_window_layers=0)
+    c = RooflineCoefficients(step_overhead_s=0.0, memory_efficiency=1.0, compute_efficiency=1.0)
+    win, nowin = RooflineStepTime(m, hw, 1, c), RooflineStepTime(full, hw, 1, c)
+    bw = hw.hbm_bandwidth_gbps * 1e9
+    per_token = m.kv_bytes_per_token(1) / bw  # every layer's KV bytes of one token, in seconds
+    n = 64  # decode steps this size are memory-bound
+    grow_win = win.step_time(_decode(n, 20000)) - win.step_time(_decode(n, 10000))
+    grow_full = nowin.step_time(_decode(n, 20000)) - nowin.step_time(_decode(n, 10000))
+    assert grow_full == pytest.approx(n * 10000 * per_token, rel=1e-6)
+    assert grow_win == pytest.approx(n * 10000 * per_token * 0.5, rel=1e-6)
+    assert win.step_time(_decode(n, 100)) == pytest.approx(nowin.step_time(_decode(n, 100)), rel=1e-12)
+    # a prefill chunk far into a long prompt: the window layers' pairs stop at 128 per query
+    b = BatchShape(num_seqs=1, prefill_tokens=2048, prefill_attn_pairs=2048 * 30000.0)
+    pair_s = m.attention_flops_per_pair() / hw.peak_flops(m.compute_dtype)
+    saved = nowin.step_time(b) - win.step_time(b)
+    assert saved == pytest.approx(0.5 * pair_s * (2048 * 30000.0 - 2048 * 128), rel=1e-6)
+
+
+def test_a_window_on_more_layers_than_the_model_has_is_refused():
+    m = load_model_spec("gpt-oss-20b")
+    with pytest.raises(ValueError, match="sliding_window_layers"):
+        dataclasses.replace(m, sliding_window_layers=m.num_layers + 1)
+
+
+def test_the_triton_attention_ratio_slows_only_attention_that_runs_on_triton_kernels():
+    """gpt-oss's sinks put its attention on the Triton kernels before Hopper (vLLM's gpt-oss
+    recipe: TRITON_ATTN on A100); the ratio scales that attention's FLOP rate and nothing else."""
+    prefill = BatchShape(num_seqs=1, prefill_tokens=2048, prefill_attn_pairs=2048 * 16000.0)
+    slow, same = RooflineCoefficients(triton_attention_ratio=0.25), RooflineCoefficients()
+    oss, a100 = load_model_spec("gpt-oss-20b"), load_hardware_spec("a100-80g")
+    st = RooflineStepTime(oss, a100, 1, same)
+    assert st.triton_attention
+    attn = (oss.attention_flops_per_pair() / a100.peak_flops("bf16")
+            * (0.5 * 2048 * 16000.0 + 0.5 * 2048 * 128) / same.compute_efficiency)
+    assert st.with_coeffs(slow).step_time(prefill) - st.step_time(prefill) == pytest.approx(3 * attn, rel=1e-6)
+    for model, hw in (("gpt-oss-20b", "h100-80g"), ("qwen3-14b", "a100-80g")):
+        other = RooflineStepTime(load_model_spec(model), load_hardware_spec(hw), 1, same)
+        assert not other.triton_attention
+        assert other.with_coeffs(slow).step_time(prefill) == other.step_time(prefill)
+
+
+def test_the_kv_pool_of_a_sliding_window_model_counts_only_its_full_attention_layers():
+    """vLLM's hybrid KV cache manager keeps only the window for sliding layers, so a token of
+    context costs the pool the full layers' bytes; and the pool is what the engine's reported
+    weights leave (gpt-oss-120b: 65.97 GiB loaded through Marlin, not the shapes' 59.4)."""
+    m, hw = load_model_spec("gpt-oss-120b"), load_hardware_spec("a100-80g")
+    free = 80 * 0.9 - 65.97 - 2.0  # GiB: utilization x memory - loaded weights - reserve
+    expected = free * 1024**3 // (m.kv_bytes_per_token(1) * 0.5)
+    assert kv_capacity_tokens(m, hw, 1, 0.9, 2.0) == pytest.approx(expected, abs=1)
+    dense = load_model_spec("qwen3-14b")
+    assert kv_capacity_tokens(dense, hw, 1, 0.9, 2.0) == pytest.approx(
+        (80 * 0.9 * 1024**3 - dense.weight_bytes_total() - 2.0 * 1024**3) // dense.kv_bytes_per_token(1), abs=1)
