@@ -30,10 +30,11 @@ import pandas as pd
 from scipy.optimize import least_squares
 from threadpoolctl import threadpool_limits
 
-from sim.config import EngineConfig, ScenarioError, resolve_engine_defaults, scenario_from_dict
+from sim.config import EngineConfig, ScenarioError, WorkloadConfig, resolve_engine_defaults, scenario_from_dict
 from sim.perf_model import PLAUSIBLE, RooflineCoefficients, RooflineStepTime, load_hardware_spec, load_model_spec
 from sim.profile import Profile
 from sim.runner import simulate
+from sim.workload import build_requests
 
 from .replay import Trace, replay, trace_from
 
@@ -105,6 +106,49 @@ def _overlaps(data: dict) -> bool:
     return out
 
 
+# A row whose prefills spend at least this share of their FLOPs in attention (QK^T and PV over
+# the prompt so far) on the Triton kernels lets a fit tell their speed from the linear layers'.
+ATTENTION_SHARE = 0.2
+
+
+def _attention_share(data: dict, model: str, hardware: str) -> float:
+    """Attention FLOPs over linear-layer FLOPs of the row's average prompt token, computed
+    from its prompts (a query at position p sees p keys, so p/2 on average over a prompt), for
+    a model whose attention runs on the Triton kernels on this GPU (0 for any other)."""
+    m, hw = load_model_spec(model), load_hardware_spec(hardware)
+    if not RooflineStepTime(m, hw).triton_attention:
+        return 0.0
+    try:
+        reqs = build_requests(WorkloadConfig.model_validate(data.get("workload", {})))
+    except (ValueError, ScenarioError):
+        return 0.0  # a workload the simulation will refuse, naming the field, when the row is run
+    if not reqs:
+        return 0.0
+    mean_ctx = float(np.mean([r.prompt_len for r in reqs])) / 2
+    window = min(mean_ctx, m.sliding_window) if m.sliding_window else mean_ctx
+    pairs = (1 - m.window_fraction) * mean_ctx + m.window_fraction * window
+    return m.attention_flops_per_pair() * pairs / (2.0 * m.layer_params_active())
+
+
+# A row whose client sends at least this many requests at once shows the API server's time per
+# request: its first tokens wait for the whole burst to be processed (sim.engine.Engine.submit).
+BURST = 64
+
+
+def _burst(data: dict) -> int:
+    """How many requests the row's client sends at its first instant: every prompt of a
+    request-rate-inf run, capped by --max-concurrency."""
+    w = data.get("workload", {})
+    try:
+        rate = float(w.get("request_rate", math.inf))
+    except (TypeError, ValueError):
+        return 1  # a rate the simulation will refuse, naming the field, when the row is run
+    if not math.isinf(rate) or w.get("stages") or w.get("dataset_name") in ("trace", "mooncake"):
+        return 1
+    n = w.get("num_prompts") or 0
+    return int(min(n, w.get("max_concurrency") or n))
+
+
 def _several_instances(data: dict) -> bool:
     d = data.get("deployment", {})
     return d.get("mode") == "pd" or d.get("instances", 1) > 1
@@ -142,9 +186,9 @@ def _bar(it, total, desc):
 # Efficiencies cannot beat the hardware's peak: a fit that needs more is missing a term, and
 # lands on the bound, where calibration.check says so.
 _LOG = {"step_overhead_s": (1e-4, 0.5), "compute_efficiency": (0.01, 1.0), "memory_efficiency": (0.05, 1.0),
-        "comm_efficiency": (0.02, 1.0)}
+        "comm_efficiency": (0.02, 1.0), "triton_attention_ratio": (0.05, 2.0)}
 _LIN = {"per_seq_s": (0.0, 0.003), "launch_overhead_s": (0.0, 0.3), "prefill_overhead_s": (0.0, 0.5),
-        "frontend_latency_s": (0.0, 0.5), "cpu_overhead_s": (0.0, 0.1)}
+        "frontend_latency_s": (0.0, 0.5), "cpu_overhead_s": (0.0, 0.1), "frontend_per_request_s": (0.0, 0.05)}
 # Weak pulls toward typical values, so a coefficient the training rows cannot see stays plausible
 # instead of drifting: memory efficiency when every step is compute-bound, or, in every decode
 # step, the split between the per-step overhead and the weight reads (both cost the same each
@@ -173,7 +217,7 @@ def coeffs_at(names: list[str], x: np.ndarray, base: dict) -> RooflineCoefficien
     return RooflineCoefficients(**vals)
 
 
-_PRIOR = {"compute_efficiency": 0.4, "memory_efficiency": 0.7, "comm_efficiency": 0.5}
+_PRIOR = {"compute_efficiency": 0.4, "memory_efficiency": 0.7, "comm_efficiency": 0.5, "triton_attention_ratio": 1.0}
 _PRIOR_WEIGHT = 0.1
 # Costs a step may or may not have, pulled toward none: the rows often cannot tell a per-prefill-
 # step overhead from the front end's latency (both lengthen every TTFT at low concurrency), and an
@@ -183,7 +227,7 @@ _PRIOR_WEIGHT = 0.1
 # one metric. Weak on purpose, and not on the per-request cost: what no row pins is decided by
 # these pulls, and the round trip's dense prediction at 3x the context moves with them (TPOT
 # +3.6 % over seeds, +5.7 % at the worst, in experiments/results/roundtrip.md).
-_EXTRAS = ("launch_overhead_s", "prefill_overhead_s", "cpu_overhead_s")
+_EXTRAS = ("launch_overhead_s", "prefill_overhead_s", "cpu_overhead_s", "frontend_per_request_s")
 _EXTRA_WEIGHT = 0.03
 # Candidates within this relative objective of each other are ties; the first one wins. KV
 # capacities are tried from small to large, so a tie keeps the smallest capacity that explains
@@ -225,6 +269,8 @@ class StepTimeFit:
     eager_: bool = True  # some training row runs without CUDA graphs: the launch floor is fitted
     overlap_: bool = False  # some training row's engine overlaps CPU and GPU: the CPU's part is fitted
     multi_tp_: bool = False  # some training row (of another model) runs at TP > 1: the link is fitted
+    attention_: bool = False  # some training row's prompts are long enough to time the Triton attention kernels
+    burst_: bool = False  # some training row sends a burst: the front end's time per request is fitted
 
     def _names(self) -> list[str]:
         """The coefficients the fit moves: TP communication only with TP > 1, the launch floor only
@@ -234,7 +280,9 @@ class StepTimeFit:
         names = ["step_overhead_s", "per_seq_s"] + (["launch_overhead_s"] if self.eager_ else []) \
             + ["prefill_overhead_s", "frontend_latency_s", "compute_efficiency", "memory_efficiency"] \
             + (["comm_efficiency"] if self.tp > 1 or self.multi_tp_ else []) \
-            + (["cpu_overhead_s"] if self.overlap_ else [])
+            + (["cpu_overhead_s"] if self.overlap_ else []) \
+            + (["triton_attention_ratio"] if self.attention_ else []) \
+            + (["frontend_per_request_s"] if self.burst_ else [])
         return [n for n in names if n not in self.fixed]
 
     def _base(self) -> RooflineCoefficients:
@@ -293,6 +341,10 @@ class StepTimeFit:
         self._solved = {}  # optimisations already run, by the traces they ran on
         self.eager_ = any(_eager(c.scenario) for c in cases)
         self.overlap_ = any(_overlaps(c.scenario) for c in cases)
+        self.burst_ = any(_burst(c.scenario) >= BURST for c in cases)
+        hw0 = self.hardware if isinstance(self.hardware, str) else self.hardware[0]
+        self.attention_ = any(_attention_share(c.scenario, c.step.get("model", self.model), hw0) >= ATTENTION_SHARE
+                              for c in cases)
         hws = [self.hardware] if isinstance(self.hardware, str) else list(self.hardware)
         kvs = [None] if self.kv_bounds is None else [
             int(round(v / 16) * 16) for v in np.geomspace(self.kv_bounds[0], self.kv_bounds[1], self.kv_grid)]
@@ -382,7 +434,7 @@ class StepTimeFit:
         if key not in self._solved:
             self._solved[key] = self._optimise(cases, st, traces)
         coeffs, replay_loss, jac = self._solved[key]
-        if all(t.exact_at(coeffs.frontend_latency_s) for t in traces):
+        if all(t.exact_at(t.delay(coeffs.frontend_latency_s, coeffs.frontend_per_request_s)) for t in traces):
             return coeffs, replay_loss, jac  # the replays are the simulations
         # Timed arrivals: the replays re-time each request through the steps it was recorded in
         # (calibration.replay._local). That is right at the coefficients the runs were simulated
@@ -456,7 +508,8 @@ class StepTimeFit:
         ns = len(self.seeds)
         wanted = {SIM_KEY[m] for m in self.metrics}
         for i, case in enumerate(cases):
-            preds = [replay(t, st.step_times(t.features, coeffs, terms=tt), frontend_latency_s=coeffs.frontend_latency_s,
+            preds = [replay(t, st.step_times(t.features, coeffs, terms=tt),
+                            frontend_latency_s=t.delay(coeffs.frontend_latency_s, coeffs.frontend_per_request_s),
                             only=wanted) for t, tt in zip(traces[i * ns:(i + 1) * ns], terms[i * ns:(i + 1) * ns])]
             for m in self.metrics:
                 if m in case.measured and np.isfinite(case.measured[m]) and case.measured[m] > 0:

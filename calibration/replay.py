@@ -51,7 +51,10 @@ class Trace:
     tok_ptr: np.ndarray  # request i's tokens are tok_step[tok_ptr[i]:tok_ptr[i+1]]
     exact: bool  # the schedule cannot depend on step times: replay equals simulation
     facts: EngineFacts = EngineFacts()  # the engine's CUDA graphs and CPU/GPU overlap
-    frontend_latency_s: float = 0.0  # of the recorded run
+    frontend_latency_s: float = 0.0  # of the recorded run (with its burst's front-end round: see delay)
+    # requests the client sends at its first instant without waiting for a permit: the API
+    # server's first round, which reaches the scheduler after burst x frontend_per_request_s
+    burst: int = 1
     think_time_s: float = 0.0  # between a reply and the next turn
     # per request, where a turn says its own: its think time (NaN: think_time_s) and the time it
     # is not sent before (a recorded turn's timestamp, an inference-perf user's slot)
@@ -111,6 +114,12 @@ class Trace:
             completed=int(fin.sum()), total_in=int(self.prompt_len[fin].sum()), total_out=int(out.sum()),
             ones_fin=np.ones(len(out), dtype=np.int64), ones_multi=np.ones(int(multi.sum()), dtype=np.int64))
 
+    def delay(self, frontend_latency_s: float, frontend_per_request_s: float = 0.0) -> float:
+        """From a request of the first instant being sent to the scheduler seeing it: the front
+        end's latency after its round (sim.engine.Engine.submit). Exact for requests sent at one
+        instant (the only replays called exact); for later ones a round is taken as one request."""
+        return frontend_latency_s + frontend_per_request_s * self.burst
+
     @property
     def num_steps(self) -> int:
         return len(self.recorded_dt)
@@ -165,7 +174,10 @@ def trace_from(res: SimResult) -> Trace:
     tok = np.fromiter((k for r in reqs if r.status is Status.FINISHED for k in r.token_steps), dtype=np.int64,
                       count=int(ptr[-1]))
     sc = res.scenario
-    delay = getattr(sc.step_time.build(), "frontend_latency_s", 0.0)
+    model = sc.step_time.build()
+    sent = [r.arrival_s for r in first_turns if r.permit_from < 0]
+    burst = sum(1 for a in sent if a == sent[0]) if sent else 1
+    delay = getattr(model, "frontend_latency_s", 0.0) + getattr(model, "frontend_per_request_s", 0.0) * burst
     first_step = np.array([first.get(r.rid, -1) for r in reqs], dtype=np.int64)
     # an idle engine wakes for an arrival, which its next step schedules; a wake-up nothing
     # scheduled for the first time explains keeps its recorded start
@@ -189,6 +201,7 @@ def trace_from(res: SimResult) -> Trace:
         exact=False,
         facts=sc.engine.step_facts(),
         frontend_latency_s=delay,
+        burst=burst,
         think_time_s=sc.workload.think_time_s,
         think_s=np.array([r.think_s for r in reqs]) if any(r.think_s == r.think_s for r in reqs) else None,
         not_before_s=np.array([r.not_before_s for r in reqs]) if any(r.not_before_s for r in reqs) else None,

@@ -528,6 +528,8 @@ class StepTimeConfig(_Strict):
     compute_efficiency: float | None = Field(None, gt=0)
     memory_efficiency: float | None = Field(None, gt=0)
     comm_efficiency: float | None = Field(None, gt=0)
+    triton_attention_ratio: float | None = Field(None, gt=0)
+    frontend_per_request_s: float | None = Field(None, ge=0)
     # shared by both models
     step_overhead_s: float | None = None
     per_seq_s: float | None = None
@@ -540,11 +542,16 @@ class StepTimeConfig(_Strict):
     source: str | None = None
 
     _ROOFLINE = ("launch_overhead_s", "prefill_overhead_s", "frontend_latency_s", "compute_efficiency",
-                 "memory_efficiency", "comm_efficiency", "step_overhead_s", "per_seq_s", "cpu_overhead_s")
+                 "memory_efficiency", "comm_efficiency", "step_overhead_s", "per_seq_s", "cpu_overhead_s",
+                 "triton_attention_ratio", "frontend_per_request_s")
     _LINEAR_ONLY = ("per_prefill_token_s", "per_decode_seq_s", "per_prefill_attn_pair_s", "per_decode_ctx_token_s")
 
     @model_validator(mode="after")
     def _one_kind(self):
+        for k in (*self._ROOFLINE, *self._LINEAR_ONLY):
+            v = getattr(self, k)
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"{k} = {v}: a step-time coefficient must be a finite number")
         roofline = self.profile is not None or self.model is not None or self.hardware is not None
         if roofline and any(getattr(self, k) is not None for k in self._LINEAR_ONLY):
             raise ValueError(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from conftest import engine_cfg
 
-from sim.config import ScenarioError, apply_overrides, load_scenario, parse_override
+from sim.config import ScenarioError, apply_overrides, load_scenario, parse_override, scenario_from_dict
 
 
 def test_max_num_batched_tokens_must_be_at_least_max_num_seqs():
@@ -141,3 +143,12 @@ def test_v1_before_0_9_ignores_chunked_prefill_false():
     new = engine_cfg(scheduler="vllm-v1", version="0.10.2", enable_chunked_prefill=False,
                      max_num_batched_tokens=4096, max_model_len=4096, num_gpu_blocks_override=1000)
     assert not new.enable_chunked_prefill
+
+
+@pytest.mark.parametrize("key", ["frontend_latency_s", "frontend_per_request_s", "triton_attention_ratio"])
+def test_a_step_time_coefficient_that_is_not_a_finite_number_is_refused_by_name(key):
+    data = {"engine": {"max_model_len": 4096, "kv_cache_tokens": 100000},
+            "workload": {"dataset_name": "random", "num_prompts": 5},
+            "step_time": {"model": "qwen3-8b", "hardware": "a100-80g", key: math.inf}}
+    with pytest.raises(ScenarioError, match=f"{key} = inf: a step-time coefficient must be a finite number"):
+        scenario_from_dict(data)

@@ -160,3 +160,45 @@ def test_replay_equals_simulation_whenever_it_says_it_is_exact(data, a, b):
             other = replay(tr, durations(tr, sc_b.step_time.build()), frontend_latency_s=b["frontend_latency_s"])
             for k in KEYS:
                 assert other[k] == pytest.approx(truth[k], rel=1e-9, abs=1e-6), k
+
+
+def test_a_burst_reaches_the_scheduler_after_the_front_end_has_processed_all_of_it():
+    """The API server's event loop runs each stage for every queued request before the next stage
+    of the first: requests sent at one instant reach the scheduler together, N x the time per
+    request later. The replay of such a run with other coefficients equals simulating again."""
+    roof = {"model": "qwen2.5-72b-instruct-gptq-int4", "hardware": "a100-80g"}
+    wl = {"request_rate": "inf"}
+    base = simulate(_sc(wl, {**roof, "frontend_latency_s": 0.05}), record_steps=True)
+    sc_a = _sc(wl, {**roof, "frontend_latency_s": 0.05, "frontend_per_request_s": 0.01})
+    rec = simulate(sc_a, record_steps=True)
+    # the whole schedule moves by 120 requests x 10 ms: no step starts before all have arrived
+    assert rec.steps[0].t_start_s == pytest.approx(base.steps[0].t_start_s + 1.2, rel=1e-12)
+    assert rec.bench.metrics["mean_ttft_ms"] == pytest.approx(base.bench.metrics["mean_ttft_ms"] + 1200, rel=1e-9)
+    assert rec.bench.metrics["mean_tpot_ms"] == pytest.approx(base.bench.metrics["mean_tpot_ms"], rel=1e-9)
+    tr = trace_from(rec)
+    assert tr.exact and tr.burst == 120
+    sc_b = _sc(wl, {**roof, "frontend_latency_s": 0.02, "frontend_per_request_s": 0.003, "compute_efficiency": 0.3})
+    other = replay(tr, durations(tr, sc_b.step_time.build()), frontend_latency_s=tr.delay(0.02, 0.003))
+    truth = simulate(sc_b).bench.metrics
+    for k in KEYS:
+        assert other[k] == pytest.approx(truth[k], rel=1e-9, abs=1e-9), k
+
+
+def test_requests_sent_while_the_front_end_is_busy_wait_for_its_next_round(tmp_path):
+    """Timed arrivals: a request sent to an idle front end waits its own processing time; one
+    sent during a round waits for that round to end and for the round it joins."""
+    import pandas as pd
+
+    trace = tmp_path / "run.csv"
+    pd.DataFrame({"arrival_s": [0.0, 0.2, 0.3, 2.3], "input_len": [10] * 4, "output_len": [1] * 4}).to_csv(trace, index=False)
+
+    def ttfts(per_request: float) -> list[float]:
+        sc = scenario_from_dict({
+            "engine": {"scheduler": "vllm-v1", "max_model_len": 2048, "num_gpu_blocks_override": 400},
+            "workload": {"dataset_name": "trace", "trace_path": str(trace)},
+            "step_time": {"model": "qwen3-8b", "hardware": "a100-80g", "frontend_per_request_s": per_request}})
+        return [r.first_token_s - r.start_s for r in sorted(simulate(sc).requests, key=lambda r: r.arrival_s)]
+
+    waits = np.array(ttfts(0.5)) - np.array(ttfts(0.0))
+    # 0 alone (0.0 -> 0.5); 1 and 2 arrive during it and go together (0.5 -> 1.5); 3 alone (2.3 -> 2.8)
+    assert waits == pytest.approx([0.5, 1.3, 1.2, 0.5], abs=0.01)
