@@ -39,6 +39,13 @@ METRICS = ("mean_ttft_ms", "mean_tpot_ms", "output_throughput")
 # activations, the CUDA context and graphs: an estimate, which a fit may move (kv_bounds)
 MEMORY_FRACTION = {"vllm": 0.9, "sglang": 0.88}
 RESERVE_GIB = 2.0
+QWEN3_MAX_LEN = 40960  # Qwen3 8B/30B-A3B config.json max_position_embeddings
+
+
+def _ascend_prefill_first(version: str, spec) -> bool:
+    """Whether vllm-ascend schedules prompts first, V0-style (0.9.1 final forces it for models
+    without MLA; its release candidates and later releases run vLLM's V1 scheduler)."""
+    return version.split("+")[0] == "0.9.1" and not spec.is_mla
 
 
 @dataclass
@@ -84,7 +91,15 @@ def row_run(row: pd.Series) -> RowRun | None:
     kv = kv_capacity_tokens(spec, hwspec, launch.tp, frac, RESERVE_GIB)
     engine = {"scheduler": SCHEDULERS[row["engine"]], "version": str(row["engine_version"]).split("+")[0],
               "gpu": gpu_name, "gpu_memory_gib": mem, "kv_cache_tokens": kv, **launch.settings}
-    if launch.engine == "vllm" and "max_model_len" not in engine:
+    if row["engine"] == "vLLM-Ascend" and _ascend_prefill_first(str(row["engine_version"]), spec):
+        # vllm-ascend 0.9.1 (final) forces its AscendScheduler on models without MLA: whole prompts
+        # first, no decode in a step that prefills, no chunking, the token budget raised to
+        # max_model_len (vllm_ascend/platform.py check_and_update_config, PR #2659); blocks of 128.
+        # That is vLLM V0's policy with chunked prefill off; the budget follows max_model_len, the
+        # model's own 40,960 for Qwen3 (config.json max_position_embeddings).
+        engine.update(scheduler="vllm-v0", enable_chunked_prefill=False, block_size=128,
+                      max_model_len=min(QWEN3_MAX_LEN, kv), enable_prefix_caching=False)
+    elif launch.engine == "vllm" and "max_model_len" not in engine:
         engine["max_model_len"] = min(32768, kv)  # the pages' runs fit; the model's own limit is larger
     if launch.engine == "sglang" and "context_length" not in engine:
         engine["context_length"] = min(32768, kv)

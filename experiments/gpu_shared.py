@@ -67,8 +67,9 @@ def main() -> None:
             c = fit.coeffs_
             fitted.append(f"| {hw} | {held} | {len(train_runs)} runs of {len({r.model for r in train_runs})} models | "
                           f"{c.step_overhead_s * 1e3:.1f} | {c.per_seq_s * 1e6:.0f} | {c.prefill_overhead_s * 1e3:.0f} | "
-                          f"{c.frontend_latency_s * 1e3:.0f} | {c.compute_efficiency:.2f} | {c.memory_efficiency:.2f} | "
-                          f"{c.comm_efficiency:.2f} | {fit.loss_:.4f} |")
+                          f"{c.frontend_latency_s * 1e3:.0f} | {c.frontend_per_request_s * 1e3:.2f} | "
+                          f"{c.compute_efficiency:.2f} | {c.memory_efficiency:.2f} | {c.comm_efficiency:.2f} | "
+                          f"{c.triton_attention_ratio:.2f} | {fit.loss_:.4f} |")
             med = pred[pred.metric.isin(METRICS)].groupby("metric").ape_pct.median()
             print(f"{hw}, {held} held out: fitted on {len(train_runs)} runs in {time.perf_counter() - t0:.0f} s; "
                   f"{med.round(1).to_dict()}", flush=True)
@@ -89,8 +90,8 @@ def main() -> None:
                      f"{med['output_throughput']:.1f} % |")
     lines += ["", "## The shared coefficients of each fit", "",
               "| GPU | held out | fitted on | step overhead (ms) | per sequence (us) | prefill overhead (ms) | front end (ms) | "
-              "compute eff. | memory eff. | comm eff. | training loss |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *fitted]
+              "front end per request of a burst (ms) | compute eff. | memory eff. | comm eff. | attention ratio | "
+              "training loss |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *fitted]
     lines += ["", "## Every predicted run", "", "| GPU | configuration | run | metric | measured | predicted | error |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for _, r in res.iterrows():

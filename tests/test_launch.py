@@ -50,3 +50,28 @@ def test_a_public_run_becomes_a_scenario_that_runs():
             "step_time": {"model": run.model, "hardware": run.hardware, "tp": run.tp}}
     assert simulate(scenario_from_dict(data)).bench.metrics["completed"] == 20
     assert row_run(df[df["engine"] == "TensorRT-LLM"].iloc[0]) is None  # not simulated
+
+
+def test_vllm_ascend_0_9_1_schedules_whole_prompts_first_with_the_budget_at_max_model_len():
+    """vllm-ascend 0.9.1 forces its AscendScheduler on models without MLA: prompts first, no decode
+    in a step that prefills, no chunking, max_num_batched_tokens raised to max_model_len, KV blocks
+    of 128. The simulated engine is vLLM's V0 policy with those settings; no decode shares a
+    prefill step, and the pool and the budget follow."""
+    from calibration.gpustack import load, row_run
+    from sim.config import scenario_from_dict
+    from sim.runner import simulate
+
+    df = load()
+    run = row_run(df[(df["engine"] == "vLLM-Ascend") & (df["model"] == "Qwen/Qwen3-8B")
+                     & (df["input_len"] == 2000)].iloc[0])
+    eng = run.case.scenario["engine"]
+    assert (eng["scheduler"], eng["enable_chunked_prefill"], eng["block_size"], eng["max_model_len"]) == \
+        ("vllm-v0", False, 128, 40960)
+    data = {**run.case.scenario, "workload": {**run.case.scenario["workload"], "num_prompts": 60},
+            "step_time": {"model": run.model, "hardware": run.hardware, "tp": run.tp}}
+    sc = scenario_from_dict(data)
+    assert sc.engine.max_num_batched_tokens == 40960
+    res = simulate(sc, record_steps=True)
+    assert res.bench.metrics["completed"] == 60
+    assert not any(s.shape.prefill_tokens and s.shape.decode_seqs for s in res.steps)  # never mixed
+    assert max(s.shape.prefill_tokens for s in res.steps) > 2048  # whole prompts, many per step
