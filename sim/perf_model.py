@@ -415,6 +415,15 @@ class RooflineStepTime:
         e, k = m.num_experts, m.experts_per_token
         return e * (1.0 - (1.0 - k / e) ** tokens) + m.shared_experts
 
+    def _experts_touched_each(self, tokens: np.ndarray) -> np.ndarray:
+        """`_experts_touched` of every step's token count, through the scalar formula: numpy's
+        vectorised power can differ from Python's in the last bit (numpy 1.26 here), and a
+        replay must time a step with the simulation's floats."""
+        if not self.model.is_moe:
+            return 0.0 * tokens
+        counts, where = np.unique(tokens, return_inverse=True)
+        return np.array([self._experts_touched(int(n)) for n in counts])[where.reshape(-1)]
+
     # scalar path, called once per simulated step
     def step_time(self, b: BatchShape) -> float:
         c = self.coeffs
@@ -449,7 +458,7 @@ class RooflineStepTime:
         tokens = f[:, PREFILL_TOKENS] + f[:, DECODE_SEQS] + f[:, SPEC_TOKENS]
         run = self._run_tokens_v(tokens, f[:, PREFILL_TOKENS])
         linear = self._s_per_token_flop * run + self._s_per_seq_flop * f[:, SEQS]
-        weights = self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)
+        weights = self._s_static_mem + self._s_per_expert * self._experts_touched_each(tokens)
         attention = self._s_per_pair * (f[:, PREFILL_PAIRS] + f[:, DECODE_CTX])
         kv = self._s_per_ctx_token * f[:, DECODE_CTX]
         if self._window:
