@@ -31,7 +31,8 @@ from scipy.optimize import least_squares
 from threadpoolctl import threadpool_limits
 
 from sim.config import EngineConfig, ScenarioError, WorkloadConfig, resolve_engine_defaults, scenario_from_dict
-from sim.perf_model import PLAUSIBLE, RooflineCoefficients, RooflineStepTime, load_hardware_spec, load_model_spec
+from sim.perf_model import (PLAUSIBLE, RooflineCoefficients, RooflineStepTime, load_hardware_spec, load_model_spec,
+                            runs_triton_attention)
 from sim.profile import Profile
 from sim.runner import simulate
 from sim.workload import build_requests
@@ -116,7 +117,7 @@ def _attention_share(data: dict, model: str, hardware: str) -> float:
     from its prompts (a query at position p sees p keys, so p/2 on average over a prompt), for
     a model whose attention runs on the Triton kernels on this GPU (0 for any other)."""
     m, hw = load_model_spec(model), load_hardware_spec(hardware)
-    if not RooflineStepTime(m, hw).triton_attention:
+    if not runs_triton_attention(m, hw):
         return 0.0
     try:
         reqs = build_requests(WorkloadConfig.model_validate(data.get("workload", {})))

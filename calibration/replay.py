@@ -118,7 +118,7 @@ class Trace:
         """From a request of the first instant being sent to the scheduler seeing it: the front
         end's latency after its round (sim.engine.Engine.submit). Exact for requests sent at one
         instant (the only replays called exact); for later ones a round is taken as one request."""
-        return frontend_latency_s + frontend_per_request_s * self.burst
+        return front_end_delay(frontend_latency_s, frontend_per_request_s, self.burst)
 
     @property
     def num_steps(self) -> int:
@@ -156,6 +156,11 @@ class Trace:
         return think, (0.0 if self.not_before_s is None else float(self.not_before_s[i]))
 
 
+def front_end_delay(frontend_latency_s: float, frontend_per_request_s: float, burst: int) -> float:
+    """From a request of a burst being sent to the scheduler seeing it (sim.engine.Engine.submit)."""
+    return frontend_latency_s + frontend_per_request_s * burst
+
+
 def trace_from(res: SimResult) -> Trace:
     if res.steps is None:
         if res.instance_steps is not None:
@@ -177,7 +182,8 @@ def trace_from(res: SimResult) -> Trace:
     model = sc.step_time.build()
     sent = [r.arrival_s for r in first_turns if r.permit_from < 0]
     burst = sum(1 for a in sent if a == sent[0]) if sent else 1
-    delay = getattr(model, "frontend_latency_s", 0.0) + getattr(model, "frontend_per_request_s", 0.0) * burst
+    delay = front_end_delay(getattr(model, "frontend_latency_s", 0.0),
+                            getattr(model, "frontend_per_request_s", 0.0), burst)
     first_step = np.array([first.get(r.rid, -1) for r in reqs], dtype=np.int64)
     # an idle engine wakes for an arrival, which its next step schedules; a wake-up nothing
     # scheduled for the first time explains keeps its recorded start

@@ -292,6 +292,13 @@ def kv_capacity_tokens(
     return max(0, int(free // (model.kv_bytes_per_token(tp) * (1.0 - model.window_fraction))))
 
 
+def runs_triton_attention(model: ModelSpec, hw: HardwareSpec) -> bool:
+    """Whether the engines run this model's attention on their Triton kernels on this device:
+    learned sinks before Hopper (FlashAttention 2 has none; vLLM's gpt-oss recipe: TRITON_ATTN
+    on Ampere)."""
+    return model.attention_sinks and hw.arch in ("ampere", "ada")
+
+
 # --- the step-time model -------------------------------------------------------------------
 @dataclass(frozen=True)
 class RooflineCoefficients:
@@ -356,8 +363,8 @@ class RooflineStepTime:
         # `window` tokens per query (their pairs and KV reads: min(the batch's, window x tokens))
         full, win = 1.0 - m.window_fraction, m.window_fraction
         self._window = m.sliding_window if win else 0
-        # vLLM's gpt-oss recipe: on Ampere it runs TRITON_ATTN (FlashAttention 2 has no sinks)
-        self.triton_attention = m.attention_sinks and hw.arch in ("ampere", "ada")
+        self.triton_attention = runs_triton_attention(m, hw)
+        self._ratio = self._attention_ratio(self.coeffs)  # the scalar paths' (self.coeffs)
         self._s_per_pair = m.attention_flops_per_pair() * full / tp / peak
         self._s_per_win_pair = m.attention_flops_per_pair() * win / tp / peak
         self._s_static_mem = (m.weight_bytes_total() - self._expert_bytes_all()) / tp / bw
@@ -391,6 +398,9 @@ class RooflineStepTime:
         if not self.facts.graph_mixed:
             graphed &= prefill_tokens == 0
         return np.where(graphed, self._pad_array[np.where(graphed, tokens, 0).astype(np.int64)], tokens)
+
+    def _attention_ratio(self, c: RooflineCoefficients) -> float:
+        return c.triton_attention_ratio if self.triton_attention else 1.0
 
     def _window_terms(self, prefill_pairs, prefill_tokens, ctx, decode_seqs):
         """(pairs, KV tokens read) of the sliding-window layers: a query sees at most `window`
@@ -436,10 +446,9 @@ class RooflineStepTime:
             reads = min(b.decode_ctx_tokens, w * b.decode_seqs)
             attention += self._s_per_win_pair * (min(b.prefill_attn_pairs, w * b.prefill_tokens) + reads)
             kv += self._s_per_win_ctx * reads
-        ratio = c.triton_attention_ratio if self.triton_attention else 1.0
         lin_c = (self._s_per_token_flop * run + self._s_per_seq_flop * b.num_seqs) / c.compute_efficiency
         lin_m = (self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)) / c.memory_efficiency
-        att_c = attention / ratio / c.compute_efficiency
+        att_c = attention / self._ratio / c.compute_efficiency
         att_m = kv / c.memory_efficiency
         t_gpu = max(lin_c, lin_m) + max(att_c, att_m) + (self._s_comm_per_token * run / c.comm_efficiency
                                                          + self._s_comm_latency)
@@ -472,7 +481,7 @@ class RooflineStepTime:
         c = coeffs or self.coeffs
         linear, weights, attention, kv, comm, seqs, prefill, overlap, latency = \
             terms if terms is not None else self.step_terms(f)
-        ratio = c.triton_attention_ratio if self.triton_attention else 1.0
+        ratio = self._attention_ratio(c)
         t_gpu = (np.maximum(linear / c.compute_efficiency, weights / c.memory_efficiency)
                  + np.maximum(attention / ratio / c.compute_efficiency, kv / c.memory_efficiency)
                  + (comm / c.comm_efficiency + latency))
@@ -495,10 +504,9 @@ class RooflineStepTime:
             pairs, reads = self._window_terms(b.prefill_attn_pairs, b.prefill_tokens, ctx, b.decode_seqs)
             attention = attention + self._s_per_win_pair * pairs
             kv = kv + self._s_per_win_ctx * reads
-        ratio = c.triton_attention_ratio if self.triton_attention else 1.0
         lin_c = (self._s_per_token_flop * run + self._s_per_seq_flop * b.num_seqs) / c.compute_efficiency
         lin_m = (self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)) / c.memory_efficiency
-        t_gpu = (max(lin_c, lin_m) + np.maximum(attention / ratio / c.compute_efficiency, kv / c.memory_efficiency)
+        t_gpu = (max(lin_c, lin_m) + np.maximum(attention / self._ratio / c.compute_efficiency, kv / c.memory_efficiency)
                  + (self._s_comm_per_token * run / c.comm_efficiency + self._s_comm_latency))
         prefill = c.prefill_overhead_s if b.prefill_tokens else 0.0
         if self._overlap:
@@ -521,7 +529,7 @@ class RooflineStepTime:
         rest = c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill
         cpu = c.cpu_overhead_s
         s_pair, s_ctx, ce, me, launch, ratio = self._s_per_pair, self._s_per_ctx_token, c.compute_efficiency, \
-            c.memory_efficiency, c.launch_overhead_s, (c.triton_attention_ratio if self.triton_attention else 1.0)
+            c.memory_efficiency, c.launch_overhead_s, self._ratio
         pairs, ctx, n, ends, t = b.prefill_attn_pairs, b.decode_ctx_tokens, b.num_seqs, [], now
         overlap, w = self._overlap, self._window
         if w:
