@@ -163,7 +163,7 @@ def write_report(res: ValidationResult, out: Path) -> None:
     for k, v in f.coeffs_.as_dict().items():
         if k == "comm_efficiency" and sp.tp == 1:
             continue
-        lines.append(f"| {k} | {v:.4g} |")
+        lines.append(f"| {k} | {v:.4g}{' (held, not fitted: the split sets it)' if k in f.fixed else ''} |")
     lines += ["", f"Implied: {implied['achieved_tflops_per_device']:.0f} of {implied['peak_tflops_per_device']:.0f} "
               f"TFLOP/s per device, {implied['achieved_hbm_gbps']:.0f} of {implied['peak_hbm_gbps']:.0f} GB/s HBM "
               "(the memory figure is a ceiling the fit never needed when every step is compute-bound)."]

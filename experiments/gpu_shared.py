@@ -7,7 +7,10 @@ training row is timed with its own model spec and TP (calibration.fit.RowCase.st
 coefficients (efficiencies, per-step and per-request costs) are shared. Training rows are each
 configuration's three lowest-load runs, as in experiments/gpustack_transfer.py, without the runs at a
 fixed concurrency (their front-end latency behind permits needs a fit by simulation: with ~20 rows
-that is hours on 2 cores). Every figure is out of sample: no run of the held-out model is fitted.
+that is hours on 2 cores). The Triton attention kernels' speed (gpt-oss on the A100), which those
+runs never time, is held at the median of the ratios fitted on every run of each configuration of
+the models not held out that run them (experiments/gpustack_transfer.py, kernel_ratios). Every
+figure is out of sample: no run of the held-out model is fitted.
 
     python experiments/gpu_shared.py      # writes experiments/results/gpu_shared.md
 """
@@ -22,7 +25,7 @@ import pandas as pd
 from calibration.fit import RowCase, StepTimeFit
 from calibration.gpustack import METRICS, load, runs
 
-from gpustack_transfer import N_TRAIN, TARGETS, _load_rank
+from gpustack_transfer import N_TRAIN, TARGETS, _load_rank, gpu_attention_ratio, kernel_ratios
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "gpu_shared.md"
@@ -38,6 +41,7 @@ def main() -> None:
     for r in runs(load()):
         by_gpu.setdefault(r.hardware, {}).setdefault(r.config, []).append(r)
     out, fitted, notes = [], [], []
+    ratios = kernel_ratios({c: rs for configs in by_gpu.values() for c, rs in configs.items()})
     for hw, configs in by_gpu.items():
         models = sorted({rs[0].model for rs in configs.values()})
         if len(models) < 2:
@@ -53,7 +57,9 @@ def main() -> None:
             if not train_runs or not test_runs:
                 continue
             base = train_runs[0]
-            fit = StepTimeFit(model=base.model, hardware=hw, tp=base.tp, metrics=METRICS, seeds=(0,))
+            ratio = gpu_attention_ratio(ratios, held, hw)
+            fit = StepTimeFit(model=base.model, hardware=hw, tp=base.tp, metrics=METRICS, seeds=(0,),
+                              fixed={"triton_attention_ratio": ratio} if ratio is not None else {})
             t0 = time.perf_counter()
             try:
                 fit.fit([_as_row(r, base.model, base.tp) for r in train_runs])

@@ -12,6 +12,14 @@ of sample. The step-time
 issue's targets, as medians over the predicted runs: TPOT <= 10 %, output throughput <= 10 %,
 TTFT <= 20 %.
 
+One coefficient is the GPU's, not the configuration's: the speed of the Triton attention kernels
+(gpt-oss on the A100) against the GEMMs, `triton_attention_ratio`. The three lowest-load runs
+never time it (their prompts are too short), so within a configuration it is held at the median
+of the ratios fitted on every run of each configuration of the *other* models that run those
+kernels on that GPU (gpt-oss-120b's from gpt-oss-20b's runs and the reverse; no run of the
+predicted model is seen). The transfers to another model of the family use fits without it (the
+other model's runs would be the target's).
+
     python experiments/gpustack_transfer.py      # writes experiments/results/gpustack_transfer.md
 """
 
@@ -22,16 +30,46 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from calibration.fit import StepTimeFit
 from calibration.gpustack import METRICS, load, runs
 from calibration.launch import engine_from_launch
+from sim.perf_model import load_hardware_spec, load_model_spec, runs_triton_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "gpustack_transfer.md"
 TARGETS = {"mean_tpot_ms": 10, "output_throughput": 10, "mean_ttft_ms": 20}
 N_TRAIN = 3
+HELD = " (the GPU's)"  # a coefficient held at the GPU's value, not fitted
+
+
+def _unfixed_runs(rs: list) -> list:
+    """Every run but those at a fixed concurrency (their front end behind permits needs a fit by
+    simulation, hours with these many rows)."""
+    return [r for r in rs if "max_concurrency" not in r.case.scenario["workload"]]
+
+
+def kernel_ratios(by_config: dict) -> dict:
+    """config -> (model, hardware, triton_attention_ratio fitted on every run of it but those at a
+    fixed concurrency), for the configurations whose model runs on the Triton attention kernels."""
+    out = {}
+    for config, rs in by_config.items():
+        if len(rs) < N_TRAIN + 1 or not runs_triton_attention(load_model_spec(rs[0].model), load_hardware_spec(rs[0].hardware)):
+            continue
+        ra = _unfixed_runs(rs)
+        fit = StepTimeFit(model=ra[0].model, hardware=ra[0].hardware, tp=ra[0].tp, metrics=METRICS, seeds=(0,))
+        fit.fit([r.case for r in ra])
+        out[config] = (ra[0].model, ra[0].hardware, fit.coeffs_.triton_attention_ratio)
+    return out
+
+
+def gpu_attention_ratio(ratios: dict, model: str, hardware: str) -> float | None:
+    """The GPU's Triton attention ratio, known without `model`'s runs: the median over the other
+    models' configurations on that GPU (None if no other model runs those kernels there)."""
+    others = [r for m, hw, r in ratios.values() if m != model and hw == hardware]
+    return float(np.median(others)) if others else None
 
 
 def _load_rank(run) -> tuple:
@@ -73,15 +111,19 @@ def transfers(by_config: dict, fits: dict) -> tuple[pd.DataFrame, list[str]]:
                 out.append(p.assign(kind="another budget", source=config, config=other))
     for a, b in FAMILIES:
         if a in fits and b in by_config:
-            rb = by_config[b]
-            p = _predict_with(fits[a].coeffs_, rb[0].model, rb[0].hardware, rb[0].tp, [r.case for r in rb])
+            rb, src = by_config[b], fits[a]
+            if src.fixed:  # a ratio taken from the target model's runs: refit without it
+                low = sorted(by_config[a], key=_load_rank)[:N_TRAIN]
+                src = StepTimeFit(model=low[0].model, hardware=low[0].hardware, tp=low[0].tp, metrics=METRICS, seeds=(0,))
+                src.fit([r.case for r in low])
+            p = _predict_with(src.coeffs_, rb[0].model, rb[0].hardware, rb[0].tp, [r.case for r in rb])
             out.append(p.assign(kind="another model, same family", source=a, config=b))
         else:
             notes.append(f"- {a} -> {b}: not run (no fit or no runs)")
             continue
         # the same, fitted on every run of the source (its long prompts time the attention
         # kernels, which its three lowest-load runs cannot): still no run of the target is fitted
-        ra = [r for r in by_config[a] if "max_concurrency" not in r.case.scenario["workload"]]
+        ra = _unfixed_runs(by_config[a])
         full = StepTimeFit(model=ra[0].model, hardware=ra[0].hardware, tp=ra[0].tp, metrics=METRICS, seeds=(0,))
         full.fit([r.case for r in ra])
         p = _predict_with(full.coeffs_, rb[0].model, rb[0].hardware, rb[0].tp, [r.case for r in rb])
@@ -108,13 +150,19 @@ def main(only: str = "") -> None:
     for r in runs(df):
         by_config.setdefault(r.config, []).append(r)
     rows, notes, fitted, fits = [], [], [], {}
+    ratios = kernel_ratios(by_config)
+    for config, (model, hw, r) in ratios.items():
+        notes.append(f"- {config}, every run but those at a fixed concurrency fitted: triton_attention_ratio {r:.3f}")
     for config, rs in by_config.items():
         if len(rs) < N_TRAIN + 1 or only not in config:
             continue
         rs = sorted(rs, key=_load_rank)
         train, test = rs[:N_TRAIN], rs[N_TRAIN:]
         first = rs[0]
-        fit = StepTimeFit(model=first.model, hardware=first.hardware, tp=first.tp, metrics=METRICS, seeds=(0,))
+        triton = runs_triton_attention(load_model_spec(first.model), load_hardware_spec(first.hardware))
+        ratio = gpu_attention_ratio(ratios, first.model, first.hardware) if triton else None
+        fit = StepTimeFit(model=first.model, hardware=first.hardware, tp=first.tp, metrics=METRICS, seeds=(0,),
+                          fixed={"triton_attention_ratio": ratio} if ratio is not None else {})
         t0 = time.perf_counter()
         try:
             fit.fit([r.case for r in train])
@@ -130,14 +178,14 @@ def main(only: str = "") -> None:
         c = fit.coeffs_
         fitted.append(f"| {config} | {c.step_overhead_s * 1e3:.1f} | {c.per_seq_s * 1e6:.0f} | {c.prefill_overhead_s * 1e3:.0f} | "
                       f"{c.frontend_latency_s * 1e3:.0f} | {c.frontend_per_request_s * 1e3:.2f} | {c.compute_efficiency:.2f} | "
-                      f"{c.memory_efficiency:.2f} | {c.comm_efficiency:.2f} | {c.triton_attention_ratio:.2f} | "
-                      f"{'; '.join(fit.warnings()) or '-'} |")
+                      f"{c.memory_efficiency:.2f} | {c.comm_efficiency:.2f} | {c.triton_attention_ratio:.2f}"
+                      f"{HELD if fit.fixed else ''} | {'; '.join(fit.warnings()) or '-'} |")
         print(f"{config}: fitted in {time.perf_counter() - t0:.0f} s; loss {fit.loss_:.4f}; {fit.coeffs_}", flush=True)
         print(pred[pred["set"] == "predicted"].groupby("metric")["ape_pct"].median().to_string(), flush=True)
     res = pd.concat(rows, ignore_index=True)
     pred = res[res["set"] == "predicted"]
     lines = ["# Transfer within a configuration: GPUStack's public runs", "", " ".join(__doc__.split("\n\n")[1].split()),
-             "", "## Medians over every predicted run", "", "| metric | median APE | target | runs |", "| --- | --- | --- | --- |"]
+             "", " ".join(__doc__.split("\n\n")[2].split()), "", "## Medians over every predicted run", "", "| metric | median APE | target | runs |", "| --- | --- | --- | --- |"]
     for m, target in TARGETS.items():
         x = pred[pred["metric"] == m]["ape_pct"]
         lines.append(f"| {m} | {x.median():.1f} % | <= {target} % | {len(x)} |")

@@ -86,3 +86,26 @@ def test_one_efficiency_set_fitted_across_models_predicts_a_model_it_never_saw()
                   {k: v for k, v in data.items() if k != "step_time"}, step={"model": "qwen3-32b"})
     pred = fit.predict([new]).set_index("metric")
     assert pred.loc["mean_tpot_ms", "ape_pct"] < 3 and pred.loc["mean_ttft_ms", "ape_pct"] < 5, pred
+
+
+def test_the_gpus_attention_ratio_for_a_model_never_comes_from_its_own_runs():
+    """Within a configuration, the Triton attention ratio its lowest-load runs cannot time is the
+    GPU's: the median over the *other* models' configurations on that GPU (experiments/gpustack_transfer.py),
+    and the gpt-oss-120b split holds the value so found, which its committed profile carries."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from gpustack_transfer import gpu_attention_ratio
+
+    from sim.profile import load_profile
+
+    ratios = {"20b": ("gpt-oss-20b", "a100-80g", 0.20), "20b-async": ("gpt-oss-20b", "a100-80g", 0.19),
+              "120b": ("gpt-oss-120b", "a100-80g", 0.31), "120b-h100": ("gpt-oss-120b", "h100-80g", 0.9)}
+    assert gpu_attention_ratio(ratios, "gpt-oss-120b", "a100-80g") == pytest.approx(0.195)
+    assert gpu_attention_ratio(ratios, "gpt-oss-20b", "a100-80g") == pytest.approx(0.31)
+    assert gpu_attention_ratio(ratios, "gpt-oss-20b", "l40s") is None
+    split = load_split("gpustack-gpt-oss-120b-vllm")
+    held = split.fixed["triton_attention_ratio"]
+    assert 0.1 < held < 0.5  # the Triton kernels well below the GEMMs' rate, as the ITL medians say
+    assert load_profile(split.profile).coeffs.triton_attention_ratio == held
