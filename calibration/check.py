@@ -37,8 +37,8 @@ AT_UPPER = {
                          "or steps overlapped",
     "comm_efficiency": "faster than the interconnect allows: communication overlapped with compute, or the "
                        "model counts traffic that did not happen",
-    "triton_attention_ratio": "attention kernels twice as fast per FLOP as the linear layers: the model counts attention "
-                       "the run did not do (a sliding window or sparse attention missing from the spec)",
+    "attention_efficiency": "attention kernels at the device's peak FLOP/s: the model counts attention the run did "
+                            "not do (a sliding window or sparse attention missing from the spec)",
     "frontend_per_request_s": "more than 50 ms of API-server time per request of a burst: a wait before the "
                               "first tokens of a burst that the front end's CPU does not explain",
     "cpu_overhead_s": "more than 0.1 s of CPU work before each step on an engine that overlaps it with the "
@@ -48,8 +48,8 @@ AT_LOWER = {
     "compute_efficiency": "at 1 % of peak FLOP/s: steps far slower than their arithmetic, a cost the model lacks",
     "memory_efficiency": "at 5 % of peak bandwidth: steps far slower than their memory traffic, a cost the model lacks",
     "comm_efficiency": "at 2 % of the link: a communication cost the model does not have",
-    "triton_attention_ratio": "attention 20x slower per FLOP than the linear layers: a cost of long prompts the model "
-                       "lacks (KV-pool limits, preemption, a slower attention path)",
+    "attention_efficiency": "attention kernels at 1 % of peak FLOP/s: a cost of long prompts the model lacks "
+                            "(KV-pool limits, preemption, a slower attention path)",
 }
 
 

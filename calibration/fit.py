@@ -31,8 +31,7 @@ from scipy.optimize import least_squares
 from threadpoolctl import threadpool_limits
 
 from sim.config import EngineConfig, ScenarioError, WorkloadConfig, resolve_engine_defaults, scenario_from_dict
-from sim.perf_model import (PLAUSIBLE, RooflineCoefficients, RooflineStepTime, load_hardware_spec, load_model_spec,
-                            runs_triton_attention)
+from sim.perf_model import PLAUSIBLE, RooflineCoefficients, RooflineStepTime, load_hardware_spec, load_model_spec
 from sim.profile import Profile
 from sim.runner import simulate
 from sim.workload import build_requests
@@ -108,17 +107,14 @@ def _overlaps(data: dict) -> bool:
 
 
 # A row whose prefills spend at least this share of their FLOPs in attention (QK^T and PV over
-# the prompt so far) on the Triton kernels lets a fit tell their speed from the linear layers'.
+# the prompt so far) lets a fit tell the attention kernels' speed from the linear layers'.
 ATTENTION_SHARE = 0.2
 
 
-def _attention_share(data: dict, model: str, hardware: str) -> float:
+def _attention_share(data: dict, model: str) -> float:
     """Attention FLOPs over linear-layer FLOPs of the row's average prompt token, computed
-    from its prompts (a query at position p sees p keys, so p/2 on average over a prompt), for
-    a model whose attention runs on the Triton kernels on this GPU (0 for any other)."""
-    m, hw = load_model_spec(model), load_hardware_spec(hardware)
-    if not runs_triton_attention(m, hw):
-        return 0.0
+    from its prompts (a query at position p sees p keys, so p/2 on average over a prompt)."""
+    m = load_model_spec(model)
     try:
         reqs = build_requests(WorkloadConfig.model_validate(data.get("workload", {})))
     except (ValueError, ScenarioError):
@@ -187,7 +183,7 @@ def _bar(it, total, desc):
 # Efficiencies cannot beat the hardware's peak: a fit that needs more is missing a term, and
 # lands on the bound, where calibration.check says so.
 _LOG = {"step_overhead_s": (1e-4, 0.5), "compute_efficiency": (0.01, 1.0), "memory_efficiency": (0.05, 1.0),
-        "comm_efficiency": (0.02, 1.0), "triton_attention_ratio": (0.05, 2.0)}
+        "comm_efficiency": (0.02, 1.0), "attention_efficiency": (0.01, 1.0)}
 _LIN = {"per_seq_s": (0.0, 0.003), "launch_overhead_s": (0.0, 0.3), "prefill_overhead_s": (0.0, 0.5),
         "frontend_latency_s": (0.0, 0.5), "cpu_overhead_s": (0.0, 0.1), "frontend_per_request_s": (0.0, 0.05)}
 # Weak pulls toward typical values, so a coefficient the training rows cannot see stays plausible
@@ -218,7 +214,7 @@ def coeffs_at(names: list[str], x: np.ndarray, base: dict) -> RooflineCoefficien
     return RooflineCoefficients(**vals)
 
 
-_PRIOR = {"compute_efficiency": 0.4, "memory_efficiency": 0.7, "comm_efficiency": 0.5, "triton_attention_ratio": 1.0}
+_PRIOR = {"compute_efficiency": 0.4, "memory_efficiency": 0.7, "comm_efficiency": 0.5, "attention_efficiency": 0.4}
 _PRIOR_WEIGHT = 0.1
 # Costs a step may or may not have, pulled toward none: the rows often cannot tell a per-prefill-
 # step overhead from the front end's latency (both lengthen every TTFT at low concurrency), and an
@@ -270,7 +266,7 @@ class StepTimeFit:
     eager_: bool = True  # some training row runs without CUDA graphs: the launch floor is fitted
     overlap_: bool = False  # some training row's engine overlaps CPU and GPU: the CPU's part is fitted
     multi_tp_: bool = False  # some training row (of another model) runs at TP > 1: the link is fitted
-    attention_: bool = False  # some training row's prompts are long enough to time the Triton attention kernels
+    attention_: bool = False  # some training row's prompts are long enough to time the attention kernels
     burst_: bool = False  # some training row sends a burst: the front end's time per request is fitted
 
     def _names(self) -> list[str]:
@@ -282,7 +278,7 @@ class StepTimeFit:
             + ["prefill_overhead_s", "frontend_latency_s", "compute_efficiency", "memory_efficiency"] \
             + (["comm_efficiency"] if self.tp > 1 or self.multi_tp_ else []) \
             + (["cpu_overhead_s"] if self.overlap_ else []) \
-            + (["triton_attention_ratio"] if self.attention_ else []) \
+            + (["attention_efficiency"] if self.attention_ else []) \
             + (["frontend_per_request_s"] if self.burst_ else [])
         return [n for n in names if n not in self.fixed]
 
@@ -319,7 +315,9 @@ class StepTimeFit:
         return [np.clip(self._vec(self._base()), lo, hi), lo + (hi - lo) * u]
 
     def _vec(self, c: RooflineCoefficients) -> np.ndarray:
-        return np.array([math.log(getattr(c, n)) if n in _LOG else getattr(c, n) / _LIN[n][1] for n in self._names()])
+        # an unset attention rate starts where it means: the linear layers'
+        vals = {**c.as_dict(), "attention_efficiency": c.attention_rate}
+        return np.array([math.log(vals[n]) if n in _LOG else vals[n] / _LIN[n][1] for n in self._names()])
 
     def _step_dict(self, hardware: str, c: RooflineCoefficients) -> dict:
         return {"model": self.model, "hardware": hardware, "tp": self.tp, **c.as_dict()}
@@ -343,9 +341,12 @@ class StepTimeFit:
         self.eager_ = any(_eager(c.scenario) for c in cases)
         self.overlap_ = any(_overlaps(c.scenario) for c in cases)
         self.burst_ = any(_burst(c.scenario) >= BURST for c in cases)
-        hw0 = self.hardware if isinstance(self.hardware, str) else self.hardware[0]
-        self.attention_ = any(_attention_share(c.scenario, c.step.get("model", self.model), hw0) >= ATTENTION_SHARE
-                              for c in cases)
+        # the attention's own rate, when some row's prompts can time it and the rows have a number
+        # to spare for it (seed 001's two rows fit two coefficients: its 8k prompts' attention
+        # stays at the linear layers' rate)
+        self.attention_ = False
+        if any(_attention_share(c.scenario, c.step.get("model", self.model)) >= ATTENTION_SHARE for c in cases):
+            self.attention_ = self._n_data(cases) > len(self._names())
         hws = [self.hardware] if isinstance(self.hardware, str) else list(self.hardware)
         kvs = [None] if self.kv_bounds is None else [
             int(round(v / 16) * 16) for v in np.geomspace(self.kv_bounds[0], self.kv_bounds[1], self.kv_grid)]

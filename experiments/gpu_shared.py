@@ -7,10 +7,10 @@ training row is timed with its own model spec and TP (calibration.fit.RowCase.st
 coefficients (efficiencies, per-step and per-request costs) are shared. Training rows are each
 configuration's three lowest-load runs, as in experiments/gpustack_transfer.py, without the runs at a
 fixed concurrency (their front-end latency behind permits needs a fit by simulation: with ~20 rows
-that is hours on 2 cores). The Triton attention kernels' speed (gpt-oss on the A100), which those
-runs never time, is held at the median of the ratios fitted on every run of each configuration of
-the models not held out that run them (experiments/gpustack_transfer.py, kernel_ratios). Every
-figure is out of sample: no run of the held-out model is fitted.
+that is hours on 2 cores). The attention kernels' efficiency, which those runs never time, is the
+kernel's: each held-out configuration is predicted with the median of the values fitted on every
+run of the other models' configurations on its kernel (experiments/gpustack_transfer.py,
+kernel_efficiencies). Every figure is out of sample: no run of the held-out model is fitted.
 
     python experiments/gpu_shared.py      # writes experiments/results/gpu_shared.md
 """
@@ -18,6 +18,7 @@ figure is out of sample: no run of the held-out model is fitted.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +26,7 @@ import pandas as pd
 from calibration.fit import RowCase, StepTimeFit
 from calibration.gpustack import METRICS, load, runs
 
-from gpustack_transfer import N_TRAIN, TARGETS, _load_rank, gpu_attention_ratio, kernel_ratios
+from gpustack_transfer import N_TRAIN, TARGETS, _load_rank, held_attention, kernel_efficiencies
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "gpu_shared.md"
@@ -41,7 +42,7 @@ def main() -> None:
     for r in runs(load()):
         by_gpu.setdefault(r.hardware, {}).setdefault(r.config, []).append(r)
     out, fitted, notes = [], [], []
-    ratios = kernel_ratios({c: rs for configs in by_gpu.values() for c, rs in configs.items()})
+    effs = kernel_efficiencies({c: rs for configs in by_gpu.values() for c, rs in configs.items()})
     for hw, configs in by_gpu.items():
         models = sorted({rs[0].model for rs in configs.values()})
         if len(models) < 2:
@@ -57,16 +58,23 @@ def main() -> None:
             if not train_runs or not test_runs:
                 continue
             base = train_runs[0]
-            ratio = gpu_attention_ratio(ratios, held, hw)
-            fit = StepTimeFit(model=base.model, hardware=hw, tp=base.tp, metrics=METRICS, seeds=(0,),
-                              fixed={"triton_attention_ratio": ratio} if ratio is not None else {})
+            fit = StepTimeFit(model=base.model, hardware=hw, tp=base.tp, metrics=METRICS, seeds=(0,))
             t0 = time.perf_counter()
             try:
                 fit.fit([_as_row(r, base.model, base.tp) for r in train_runs])
             except ValueError as exc:  # too few rows for the coefficients: reported, not hidden
                 notes.append(f"- {hw}, {held} held out: no fit ({exc})")
                 continue
-            pred = fit.predict([_as_row(r, base.model, base.tp) for r in test_runs])
+            # each held-out configuration with its kernel's attention efficiency, from the other models
+            preds, shared, used = [], fit.coeffs_, set()
+            for config in sorted({r.config for r in test_runs}):
+                rs = [r for r in test_runs if r.config == config]
+                held_eff = held_attention(effs, rs[0], {held})
+                fit.coeffs_ = replace(shared, **held_eff)
+                used |= set(held_eff.values())
+                preds.append(fit.predict([_as_row(r, base.model, base.tp) for r in rs]))
+            fit.coeffs_ = shared
+            pred = pd.concat(preds, ignore_index=True)
             pred["gpu"], pred["held_out"] = hw, held
             pred["config"] = [next(r.config for r in test_runs if r.row_id == rid) for rid in pred["row_id"]]
             out.append(pred)
@@ -75,7 +83,7 @@ def main() -> None:
                           f"{c.step_overhead_s * 1e3:.1f} | {c.per_seq_s * 1e6:.0f} | {c.prefill_overhead_s * 1e3:.0f} | "
                           f"{c.frontend_latency_s * 1e3:.0f} | {c.frontend_per_request_s * 1e3:.2f} | "
                           f"{c.compute_efficiency:.2f} | {c.memory_efficiency:.2f} | {c.comm_efficiency:.2f} | "
-                          f"{c.triton_attention_ratio:.2f} | {fit.loss_:.4f} |")
+                          f"{', '.join(f'{e:.2f}' for e in sorted(used)) or '-'} | {fit.loss_:.4f} |")
             med = pred[pred.metric.isin(METRICS)].groupby("metric").ape_pct.median()
             print(f"{hw}, {held} held out: fitted on {len(train_runs)} runs in {time.perf_counter() - t0:.0f} s; "
                   f"{med.round(1).to_dict()}", flush=True)
@@ -96,7 +104,7 @@ def main() -> None:
                      f"{med['output_throughput']:.1f} % |")
     lines += ["", "## The shared coefficients of each fit", "",
               "| GPU | held out | fitted on | step overhead (ms) | per sequence (us) | prefill overhead (ms) | front end (ms) | "
-              "front end per request of a burst (ms) | compute eff. | memory eff. | comm eff. | attention ratio | "
+              "front end per request of a burst (ms) | compute eff. | memory eff. | comm eff. | attention eff. (the held-out model's kernels) | "
               "training loss |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *fitted]
     lines += ["", "## Every predicted run", "", "| GPU | configuration | run | metric | measured | predicted | error |",
               "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -12,13 +12,13 @@ of sample. The step-time
 issue's targets, as medians over the predicted runs: TPOT <= 10 %, output throughput <= 10 %,
 TTFT <= 20 %.
 
-One coefficient is the GPU's, not the configuration's: the speed of the Triton attention kernels
-(gpt-oss on the A100) against the GEMMs, `triton_attention_ratio`. The three lowest-load runs
-never time it (their prompts are too short), so within a configuration it is held at the median
-of the ratios fitted on every run of each configuration of the *other* models that run those
-kernels on that GPU (gpt-oss-120b's from gpt-oss-20b's runs and the reverse; no run of the
-predicted model is seen). The transfers to another model of the family use fits without it (the
-other model's runs would be the target's).
+One coefficient is the GPU's, not the configuration's: the FLOP rate of the attention kernels,
+`attention_efficiency` (FlashAttention for vLLM on the A100, the Triton kernels gpt-oss's sinks
+need there, FlashInfer for SGLang, vllm-ascend's on the 910B). The three lowest-load runs never time
+it (their prompts are too short), so within a configuration it is held at the median of the values
+fitted on every run of each configuration of the *other* models on the same kernel (another model:
+not the same network quantised otherwise; no run of the predicted model is seen). The transfers to
+another model of the family hold it at the value without either model's runs.
 
     python experiments/gpustack_transfer.py      # writes experiments/results/gpustack_transfer.md
 """
@@ -26,6 +26,7 @@ other model's runs would be the target's).
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "gpustack_transfer.md"
 TARGETS = {"mean_tpot_ms": 10, "output_throughput": 10, "mean_ttft_ms": 20}
 N_TRAIN = 3
+SPREAD_SEEDS = (1, 2, 3, 4)  # other workload seeds the predicted runs are drawn with
 HELD = " (the GPU's)"  # a coefficient held at the GPU's value, not fitted
 
 
@@ -51,25 +53,44 @@ def _unfixed_runs(rs: list) -> list:
     return [r for r in rs if "max_concurrency" not in r.case.scenario["workload"]]
 
 
-def kernel_ratios(by_config: dict) -> dict:
-    """config -> (model, hardware, triton_attention_ratio fitted on every run of it but those at a
-    fixed concurrency), for the configurations whose model runs on the Triton attention kernels."""
+def attention_kernel(run) -> tuple:
+    """The attention kernel a run's engine uses: (GPU, engine, and whether the model's sinks put it
+    on the Triton kernels there)."""
+    triton = runs_triton_attention(load_model_spec(run.model), load_hardware_spec(run.hardware))
+    return (run.hardware, run.config.split(" · ")[1], "triton" if triton else "default")
+
+
+def base_model(model: str) -> str:
+    """The network without its quantisation (qwen3-235b-a22b-fp8 -> qwen3-235b-a22b)."""
+    return re.sub(r"-(fp8|awq|gptq.*|w8a8|int4|int8)$", "", model)
+
+
+def kernel_efficiencies(by_config: dict) -> dict:
+    """config -> (model, attention kernel, attention_efficiency fitted on every run of it but those
+    at a fixed concurrency), for the configurations whose long prompts time it."""
     out = {}
     for config, rs in by_config.items():
-        if len(rs) < N_TRAIN + 1 or not runs_triton_attention(load_model_spec(rs[0].model), load_hardware_spec(rs[0].hardware)):
+        if len(rs) < N_TRAIN + 1:
             continue
         ra = _unfixed_runs(rs)
         fit = StepTimeFit(model=ra[0].model, hardware=ra[0].hardware, tp=ra[0].tp, metrics=METRICS, seeds=(0,))
         fit.fit([r.case for r in ra])
-        out[config] = (ra[0].model, ra[0].hardware, fit.coeffs_.triton_attention_ratio)
+        if fit.attention_:
+            out[config] = (ra[0].model, attention_kernel(ra[0]), fit.coeffs_.attention_efficiency)
     return out
 
 
-def gpu_attention_ratio(ratios: dict, model: str, hardware: str) -> float | None:
-    """The GPU's Triton attention ratio, known without `model`'s runs: the median over the other
-    models' configurations on that GPU (None if no other model runs those kernels there)."""
-    others = [r for m, hw, r in ratios.values() if m != model and hw == hardware]
+def gpu_attention_efficiency(effs: dict, kernel: tuple, without: set[str]) -> float | None:
+    """The kernel's attention efficiency, known without the runs of the models in `without`: the
+    median over the other models' configurations on that kernel (None if there are none)."""
+    others = [e for m, k, e in effs.values() if k == kernel and base_model(m) not in {base_model(w) for w in without}]
     return float(np.median(others)) if others else None
+
+
+def held_attention(effs: dict, run, without: set[str]) -> dict:
+    """`StepTimeFit.fixed` for a fit of `run`'s configuration: the GPU's attention efficiency."""
+    e = gpu_attention_efficiency(effs, attention_kernel(run), without)
+    return {"attention_efficiency": e} if e is not None else {}
 
 
 def _load_rank(run) -> tuple:
@@ -99,7 +120,7 @@ FAMILIES = [("Qwen/Qwen3-14B · vLLM · vllm serve Qwen/Qwen3-14B", "Qwen/Qwen3-
              "openai/gpt-oss-120b · vLLM · vllm serve openai/gpt-oss-120b --max-model-len 32768")]
 
 
-def transfers(by_config: dict, fits: dict) -> tuple[pd.DataFrame, list[str]]:
+def transfers(by_config: dict, fits: dict, effs: dict) -> tuple[pd.DataFrame, list[str]]:
     """Predictions of the fits for runs outside their configuration (see the module docstring)."""
     out, notes = [], []
     # another --max-num-batched-tokens: the same launch otherwise
@@ -112,9 +133,11 @@ def transfers(by_config: dict, fits: dict) -> tuple[pd.DataFrame, list[str]]:
     for a, b in FAMILIES:
         if a in fits and b in by_config:
             rb, src = by_config[b], fits[a]
-            if src.fixed:  # a ratio taken from the target model's runs: refit without it
+            held = held_attention(effs, rb[0], {rb[0].model, src.model})
+            if held != src.fixed:  # the source's held value came from the target's runs: without them
                 low = sorted(by_config[a], key=_load_rank)[:N_TRAIN]
-                src = StepTimeFit(model=low[0].model, hardware=low[0].hardware, tp=low[0].tp, metrics=METRICS, seeds=(0,))
+                src = StepTimeFit(model=low[0].model, hardware=low[0].hardware, tp=low[0].tp, metrics=METRICS,
+                                  seeds=(0,), fixed=held)
                 src.fit([r.case for r in low])
             p = _predict_with(src.coeffs_, rb[0].model, rb[0].hardware, rb[0].tp, [r.case for r in rb])
             out.append(p.assign(kind="another model, same family", source=a, config=b))
@@ -129,7 +152,7 @@ def transfers(by_config: dict, fits: dict) -> tuple[pd.DataFrame, list[str]]:
         p = _predict_with(full.coeffs_, rb[0].model, rb[0].hardware, rb[0].tp, [r.case for r in rb])
         out.append(p.assign(kind="another model, same family, every source run fitted", source=a, config=b))
         notes.append(f"- {a}, every run but those at a fixed concurrency fitted ({len(ra)}): "
-                     f"triton_attention_ratio {full.coeffs_.triton_attention_ratio:.2f}, "
+                     f"attention_efficiency {full.coeffs_.attention_rate:.3f}, "
                      f"frontend_per_request_s {full.coeffs_.frontend_per_request_s * 1e3:.2f} ms")
     # seed 002: the vLLM profile on the SGLang runs (same model, same 8x H20)
     from calibration.splits import cases, load_split
@@ -150,19 +173,18 @@ def main(only: str = "") -> None:
     for r in runs(df):
         by_config.setdefault(r.config, []).append(r)
     rows, notes, fitted, fits = [], [], [], {}
-    ratios = kernel_ratios(by_config)
-    for config, (model, hw, r) in ratios.items():
-        notes.append(f"- {config}, every run but those at a fixed concurrency fitted: triton_attention_ratio {r:.3f}")
+    effs = kernel_efficiencies(by_config)
+    for config, (model, kernel, e) in effs.items():
+        notes.append(f"- {config} ({', '.join(kernel)}), every run but those at a fixed concurrency fitted: "
+                     f"attention_efficiency {e:.3f}")
     for config, rs in by_config.items():
         if len(rs) < N_TRAIN + 1 or only not in config:
             continue
         rs = sorted(rs, key=_load_rank)
         train, test = rs[:N_TRAIN], rs[N_TRAIN:]
         first = rs[0]
-        triton = runs_triton_attention(load_model_spec(first.model), load_hardware_spec(first.hardware))
-        ratio = gpu_attention_ratio(ratios, first.model, first.hardware) if triton else None
         fit = StepTimeFit(model=first.model, hardware=first.hardware, tp=first.tp, metrics=METRICS, seeds=(0,),
-                          fixed={"triton_attention_ratio": ratio} if ratio is not None else {})
+                          fixed=held_attention(effs, first, {first.model}))
         t0 = time.perf_counter()
         try:
             fit.fit([r.case for r in train])
@@ -178,7 +200,7 @@ def main(only: str = "") -> None:
         c = fit.coeffs_
         fitted.append(f"| {config} | {c.step_overhead_s * 1e3:.1f} | {c.per_seq_s * 1e6:.0f} | {c.prefill_overhead_s * 1e3:.0f} | "
                       f"{c.frontend_latency_s * 1e3:.0f} | {c.frontend_per_request_s * 1e3:.2f} | {c.compute_efficiency:.2f} | "
-                      f"{c.memory_efficiency:.2f} | {c.comm_efficiency:.2f} | {c.triton_attention_ratio:.2f}"
+                      f"{c.memory_efficiency:.2f} | {c.comm_efficiency:.2f} | {c.attention_rate:.2f}"
                       f"{HELD if fit.fixed else ''} | {'; '.join(fit.warnings()) or '-'} |")
         print(f"{config}: fitted in {time.perf_counter() - t0:.0f} s; loss {fit.loss_:.4f}; {fit.coeffs_}", flush=True)
         print(pred[pred["set"] == "predicted"].groupby("metric")["ape_pct"].median().to_string(), flush=True)
@@ -189,6 +211,25 @@ def main(only: str = "") -> None:
     for m, target in TARGETS.items():
         x = pred[pred["metric"] == m]["ape_pct"]
         lines.append(f"| {m} | {x.median():.1f} % | <= {target} % | {len(x)} |")
+    # the random workloads are sampled: the same fits, the predicted runs drawn with other seeds
+    lines += ["", "Over workload seeds (the fits unchanged, the predicted runs re-drawn; median APE per seed):", "",
+              "| seed | " + " | ".join(TARGETS) + " |", "| --- |" + " --- |" * len(TARGETS)]
+    per_seed = {0: {m: pred[pred["metric"] == m]["ape_pct"].median() for m in TARGETS}}
+    for seed in SPREAD_SEEDS:
+        parts = []
+        for config, fit in fits.items():
+            test = [r for r in sorted(by_config[config], key=_load_rank)[N_TRAIN:]]
+            fit.seeds = (seed,)
+            parts.append(fit.predict([r.case for r in test]))
+            fit.seeds = (0,)
+        ps = pd.concat(parts, ignore_index=True)
+        per_seed[seed] = {m: ps[ps["metric"] == m]["ape_pct"].median() for m in TARGETS}
+    for seed, med in per_seed.items():
+        lines.append(f"| {seed} | " + " | ".join(f"{med[m]:.1f} %" for m in TARGETS) + " |")
+    mean = {m: float(np.mean([v[m] for v in per_seed.values()])) for m in TARGETS}
+    spread = {m: (min(v[m] for v in per_seed.values()), max(v[m] for v in per_seed.values())) for m in TARGETS}
+    lines.append("| mean (min-max) | " + " | ".join(f"{mean[m]:.1f} % ({spread[m][0]:.1f}-{spread[m][1]:.1f})"
+                                                     for m in TARGETS) + " |")
     lines += ["", "## Per configuration (median APE over its predicted runs)", "",
               "| configuration | fitted runs | predicted runs | TTFT | TPOT | output tok/s |", "| --- | --- | --- | --- | --- | --- |"]
     for config, g in res.groupby("config", sort=False):
@@ -196,7 +237,7 @@ def main(only: str = "") -> None:
         med = {m: p[p["metric"] == m]["ape_pct"].median() for m in METRICS}
         lines.append(f"| {config} | {g[g['set'] == 'fit']['row_id'].nunique()} | {p['row_id'].nunique()} | "
                      f"{med['mean_ttft_ms']:.1f} % | {med['mean_tpot_ms']:.1f} % | {med['output_throughput']:.1f} % |")
-    tr, tr_notes = transfers(by_config, fits) if not only else (pd.DataFrame(), [])
+    tr, tr_notes = transfers(by_config, fits, effs) if not only else (pd.DataFrame(), [])
     notes += tr_notes
     if len(tr):
         lines += ["", "## Beyond the configuration (median APE, every run predicted)", "",
@@ -213,7 +254,7 @@ def main(only: str = "") -> None:
                          f"{med['output_throughput']:.1f} % | {g['row_id'].nunique()} |")
     lines += ["", "## Fitted coefficients", "",
               "| configuration | step overhead (ms) | per sequence (us) | prefill overhead (ms) | front end (ms) | "
-              "front end per request of a burst (ms) | compute eff. | memory eff. | comm eff. | attention ratio | "
+              "front end per request of a burst (ms) | compute eff. | memory eff. | comm eff. | attention eff. | "
               "the fit's warnings |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
               *fitted]
     lines += ["", "## Every run", "", "| configuration | run | set | metric | measured | predicted | error | not simulated |",

@@ -528,7 +528,7 @@ class StepTimeConfig(_Strict):
     compute_efficiency: float | None = Field(None, gt=0)
     memory_efficiency: float | None = Field(None, gt=0)
     comm_efficiency: float | None = Field(None, gt=0)
-    triton_attention_ratio: float | None = Field(None, gt=0)
+    attention_efficiency: float | None = Field(None, gt=0)
     frontend_per_request_s: float | None = Field(None, ge=0)
     # shared by both models
     step_overhead_s: float | None = None
@@ -543,7 +543,7 @@ class StepTimeConfig(_Strict):
 
     _ROOFLINE = ("launch_overhead_s", "prefill_overhead_s", "frontend_latency_s", "compute_efficiency",
                  "memory_efficiency", "comm_efficiency", "step_overhead_s", "per_seq_s", "cpu_overhead_s",
-                 "triton_attention_ratio", "frontend_per_request_s")
+                 "attention_efficiency", "frontend_per_request_s")
     _LINEAR_ONLY = ("per_prefill_token_s", "per_decode_seq_s", "per_prefill_attn_pair_s", "per_decode_ctx_token_s")
 
     @model_validator(mode="after")

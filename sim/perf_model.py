@@ -10,7 +10,7 @@ For a batch (see `BatchShape`) on one tensor-parallel group:
     comm      = two all-reduces of the activations per layer (ring, 2·(TP-1)/TP of the bytes)
 
     gpu  = max(linear FLOPs / (peak FLOP/s · compute_efficiency), weights / (HBM bytes/s · memory_efficiency))
-           + max(attention FLOPs / (peak FLOP/s · compute_efficiency [· triton_attention_ratio]),
+           + max(attention FLOPs / (peak FLOP/s · attention_efficiency),
                  KV bytes / (HBM bytes/s · memory_efficiency))
            + comm / (link bytes/s · comm_efficiency) + 2·layers·allreduce_latency
     rest = step_overhead_s + per_seq_s·seqs + prefill_overhead_s·[any prompt tokens]
@@ -21,6 +21,13 @@ The linear layers and the attention are separate kernels that run one after the 
 bound by its own resource, so their times add: a 2,048-token prompt chunk keeps the GEMMs
 compute-bound while 256 decodes beside it make the attention read their KV (one max over the
 step's totals hid those reads behind the GEMMs, and under-predicted TPOT of long-prompt runs).
+The attention kernels have their own FLOP rate, `attention_efficiency`, a fraction of the peak like
+compute_efficiency but a property of the kernel on the device, not of the model: fitted on every
+GPUStack run of one configuration it comes out at 0.31-0.65 for vLLM's FlashAttention on the A100
+across Qwen3 14B/32B/235B and GLM-4.5-Air (whose GEMMs run at 0.22-0.74: dense GEMMs fast, MoE
+slow), 0.10-0.12 for the Triton kernels gpt-oss's sinks need there, and 0.11 for vllm-ascend on
+the 910B for both Qwen3 models. Unset, the attention runs at compute_efficiency (a fit frees it only
+when a training row's prompts are long enough to time it).
 
 Sliding-window layers (gpt-oss) count at most `sliding_window` keys per query in the attention
 FLOPs and the KV reads. `allreduce_latency` is the hardware's small-message all-reduce time (a
@@ -295,7 +302,7 @@ def kv_capacity_tokens(
 def runs_triton_attention(model: ModelSpec, hw: HardwareSpec) -> bool:
     """Whether the engines run this model's attention on their Triton kernels on this device:
     learned sinks before Hopper (FlashAttention 2 has none; vLLM's gpt-oss recipe: TRITON_ATTN
-    on Ampere)."""
+    on Ampere). A different kernel, so a different `attention_efficiency` from FlashAttention's."""
     return model.attention_sinks and hw.arch in ("ampere", "ada")
 
 
@@ -313,16 +320,21 @@ class RooflineCoefficients:
     memory_efficiency: float = 0.7
     comm_efficiency: float = 0.5
     cpu_overhead_s: float = 0.0
-    # the FLOP rate of the Triton attention kernels as a multiple of the linear layers' (1: the
-    # same), for models that run on them (`RooflineStepTime.triton_attention`); FlashAttention
-    # backends count attention at compute_efficiency
-    triton_attention_ratio: float = 1.0
+    # the attention kernels' FLOP rate as a fraction of the peak (the kernel's on this device, not
+    # the model's); None: at compute_efficiency, like the linear layers
+    attention_efficiency: float | None = None
     # a burst's wait in front of the scheduler per request in it; requests sent together reach
     # the scheduler together (sim.engine.Engine._ingest_round)
     frontend_per_request_s: float = 0.0
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The coefficients that are set (an unset attention_efficiency is left out)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @property
+    def attention_rate(self) -> float:
+        """The attention kernels' fraction of the peak: their own, or the linear layers'."""
+        return self.compute_efficiency if self.attention_efficiency is None else self.attention_efficiency
 
 
 PLAUSIBLE = {
@@ -335,7 +347,7 @@ PLAUSIBLE = {
     "memory_efficiency": (0.2, 0.95),
     "comm_efficiency": (0.05, 1.0),
     "cpu_overhead_s": (0.0, 0.1),
-    "triton_attention_ratio": (0.1, 1.5),
+    "attention_efficiency": (0.03, 0.9),
     "frontend_per_request_s": (0.0, 0.02),
 }
 
@@ -363,8 +375,6 @@ class RooflineStepTime:
         # `window` tokens per query (their pairs and KV reads: min(the batch's, window x tokens))
         full, win = 1.0 - m.window_fraction, m.window_fraction
         self._window = m.sliding_window if win else 0
-        self.triton_attention = runs_triton_attention(m, hw)
-        self._ratio = self._attention_ratio(self.coeffs)  # the scalar paths' (self.coeffs)
         self._s_per_pair = m.attention_flops_per_pair() * full / tp / peak
         self._s_per_win_pair = m.attention_flops_per_pair() * win / tp / peak
         self._s_static_mem = (m.weight_bytes_total() - self._expert_bytes_all()) / tp / bw
@@ -398,9 +408,6 @@ class RooflineStepTime:
         if not self.facts.graph_mixed:
             graphed &= prefill_tokens == 0
         return np.where(graphed, self._pad_array[np.where(graphed, tokens, 0).astype(np.int64)], tokens)
-
-    def _attention_ratio(self, c: RooflineCoefficients) -> float:
-        return c.triton_attention_ratio if self.triton_attention else 1.0
 
     def _window_terms(self, prefill_pairs, prefill_tokens, ctx, decode_seqs):
         """(pairs, KV tokens read) of the sliding-window layers: a query sees at most `window`
@@ -448,7 +455,7 @@ class RooflineStepTime:
             kv += self._s_per_win_ctx * reads
         lin_c = (self._s_per_token_flop * run + self._s_per_seq_flop * b.num_seqs) / c.compute_efficiency
         lin_m = (self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)) / c.memory_efficiency
-        att_c = attention / self._ratio / c.compute_efficiency
+        att_c = attention / c.attention_rate
         att_m = kv / c.memory_efficiency
         t_gpu = max(lin_c, lin_m) + max(att_c, att_m) + (self._s_comm_per_token * run / c.comm_efficiency
                                                          + self._s_comm_latency)
@@ -481,9 +488,8 @@ class RooflineStepTime:
         c = coeffs or self.coeffs
         linear, weights, attention, kv, comm, seqs, prefill, overlap, latency = \
             terms if terms is not None else self.step_terms(f)
-        ratio = self._attention_ratio(c)
         t_gpu = (np.maximum(linear / c.compute_efficiency, weights / c.memory_efficiency)
-                 + np.maximum(attention / ratio / c.compute_efficiency, kv / c.memory_efficiency)
+                 + np.maximum(attention / c.attention_rate, kv / c.memory_efficiency)
                  + (comm / c.comm_efficiency + latency))
         if overlap:
             return np.maximum(c.cpu_overhead_s, c.step_overhead_s + c.per_seq_s * seqs + c.prefill_overhead_s * prefill
@@ -506,7 +512,7 @@ class RooflineStepTime:
             kv = kv + self._s_per_win_ctx * reads
         lin_c = (self._s_per_token_flop * run + self._s_per_seq_flop * b.num_seqs) / c.compute_efficiency
         lin_m = (self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)) / c.memory_efficiency
-        t_gpu = (max(lin_c, lin_m) + np.maximum(attention / self._ratio / c.compute_efficiency, kv / c.memory_efficiency)
+        t_gpu = (max(lin_c, lin_m) + np.maximum(attention / c.attention_rate, kv / c.memory_efficiency)
                  + (self._s_comm_per_token * run / c.comm_efficiency + self._s_comm_latency))
         prefill = c.prefill_overhead_s if b.prefill_tokens else 0.0
         if self._overlap:
@@ -528,8 +534,8 @@ class RooflineStepTime:
         fixed = c.cpu_overhead_s + c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill
         rest = c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill
         cpu = c.cpu_overhead_s
-        s_pair, s_ctx, ce, me, launch, ratio = self._s_per_pair, self._s_per_ctx_token, c.compute_efficiency, \
-            c.memory_efficiency, c.launch_overhead_s, self._ratio
+        s_pair, s_ctx, ae, me, launch = self._s_per_pair, self._s_per_ctx_token, c.attention_rate, \
+            c.memory_efficiency, c.launch_overhead_s
         pairs, ctx, n, ends, t = b.prefill_attn_pairs, b.decode_ctx_tokens, b.num_seqs, [], now
         overlap, w = self._overlap, self._window
         if w:
@@ -538,10 +544,10 @@ class RooflineStepTime:
         for _ in range(steps):
             if w:  # step_time's sums, in its order
                 reads = ctx if ctx < wcap else wcap
-                att_c = (s_pair * (pairs + ctx) + s_wpair * (wpairs + reads)) / ratio / ce
+                att_c = (s_pair * (pairs + ctx) + s_wpair * (wpairs + reads)) / ae
                 att_m = (s_ctx * ctx + s_wctx * reads) / me
             else:
-                att_c = s_pair * (pairs + ctx) / ratio / ce
+                att_c = s_pair * (pairs + ctx) / ae
                 att_m = s_ctx * ctx / me
             t_gpu = lin + (att_c if att_c >= att_m else att_m) + comm
             if overlap:
@@ -590,7 +596,7 @@ class RooflineStepTime:
         out = []
         for name, (lo, hi) in PLAUSIBLE.items():
             v = getattr(self.coeffs, name)
-            if not lo <= v <= hi:
+            if v is not None and not lo <= v <= hi:
                 out.append(f"{name} = {v:.4g} is outside its plausible range [{lo}, {hi}]")
         return out
 

@@ -26,7 +26,7 @@ UNITS = {
     "memory_efficiency": "fraction of the device's peak HBM bandwidth",
     "comm_efficiency": "fraction of the device's interconnect bandwidth",
     "cpu_overhead_s": "s of CPU work before each step, hidden behind the GPU when the engine overlaps them",
-    "triton_attention_ratio": "Triton attention kernels' FLOP rate as a multiple of the linear layers' (1: the same)",
+    "attention_efficiency": "fraction of peak FLOP/s the attention kernels reach (unset: compute_efficiency)",
     "frontend_per_request_s": "s a burst waits in front of the scheduler per request in it, all reaching it together",
     "kv_cache_tokens": "tokens",
 }

@@ -40,7 +40,7 @@ KEYS = {
                  "think_time_s", "output_len_mean", "ignore_eos", "request_timeout_s", "stages", "trace_path",
                  "trace_time_scale", "shared_prefix", "hash_block_tokens", "session_timing", "nonsense"],
     "step_time": ["step_overhead_s", "per_prefill_token_s", "per_decode_seq_s", "model", "hardware", "tp", "profile",
-                  "cpu_overhead_s", "compute_efficiency", "triton_attention_ratio", "frontend_per_request_s", "nonsense"],
+                  "cpu_overhead_s", "compute_efficiency", "attention_efficiency", "frontend_per_request_s", "nonsense"],
     "deployment": ["instances", "router", "mode", "prefill_instances", "decode_instances"],
     "report": ["percentile_metrics", "metric_percentiles", "goodput"],
 }

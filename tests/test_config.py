@@ -145,7 +145,7 @@ def test_v1_before_0_9_ignores_chunked_prefill_false():
     assert not new.enable_chunked_prefill
 
 
-@pytest.mark.parametrize("key", ["frontend_latency_s", "frontend_per_request_s", "triton_attention_ratio"])
+@pytest.mark.parametrize("key", ["frontend_latency_s", "frontend_per_request_s", "attention_efficiency"])
 def test_a_step_time_coefficient_that_is_not_a_finite_number_is_refused_by_name(key):
     data = {"engine": {"max_model_len": 4096, "kv_cache_tokens": 100000},
             "workload": {"dataset_name": "random", "num_prompts": 5},

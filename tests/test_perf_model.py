@@ -154,21 +154,27 @@ def test_a_window_on_more_layers_than_the_model_has_is_refused():
         dataclasses.replace(m, sliding_window_layers=m.num_layers + 1)
 
 
-def test_the_triton_attention_ratio_slows_only_attention_that_runs_on_triton_kernels():
-    """gpt-oss's sinks put its attention on the Triton kernels before Hopper (vLLM's gpt-oss
-    recipe: TRITON_ATTN on A100); the ratio scales that attention's FLOP rate and nothing else."""
+def test_the_attention_runs_at_its_own_rate_and_at_the_linear_layers_rate_when_unset():
+    """The attention kernels' FLOP rate is the kernel's on the device (FlashAttention, or the Triton
+    kernels gpt-oss's sinks need on an A100), not the model's GEMM rate: `attention_efficiency`
+    changes the attention's time and nothing else; unset, the attention runs at compute_efficiency."""
     prefill = BatchShape(num_seqs=1, prefill_tokens=2048, prefill_attn_pairs=2048 * 16000.0)
-    slow, same = RooflineCoefficients(triton_attention_ratio=0.25), RooflineCoefficients()
-    oss, a100 = load_model_spec("gpt-oss-20b"), load_hardware_spec("a100-80g")
-    st = RooflineStepTime(oss, a100, 1, same)
-    assert st.triton_attention
-    attn = (oss.attention_flops_per_pair() / a100.peak_flops("bf16")
-            * (0.5 * 2048 * 16000.0 + 0.5 * 2048 * 128) / same.compute_efficiency)
-    assert st.with_coeffs(slow).step_time(prefill) - st.step_time(prefill) == pytest.approx(3 * attn, rel=1e-6)
-    for model, hw in (("gpt-oss-20b", "h100-80g"), ("qwen3-14b", "a100-80g")):
-        other = RooflineStepTime(load_model_spec(model), load_hardware_spec(hw), 1, same)
-        assert not other.triton_attention
-        assert other.with_coeffs(slow).step_time(prefill) == other.step_time(prefill)
+    decode = BatchShape(num_seqs=64, decode_seqs=64, decode_ctx_tokens=64 * 100.0)
+    unset = RooflineCoefficients()
+    assert unset.attention_efficiency is None and unset.attention_rate == unset.compute_efficiency
+    assert "attention_efficiency" not in unset.as_dict()  # a profile leaves it out
+    slow = RooflineCoefficients(attention_efficiency=unset.compute_efficiency / 4)
+    for model, share in (("gpt-oss-20b", 0.5), ("qwen3-14b", 1.0)):  # half of gpt-oss's layers see a window
+        m, a100 = load_model_spec(model), load_hardware_spec("a100-80g")
+        st = RooflineStepTime(m, a100, 1, unset)
+        window = 0.5 * 2048 * 128 if share < 1 else 0.0
+        attn = (m.attention_flops_per_pair() / a100.peak_flops("bf16")
+                * (share * 2048 * 16000.0 + window) / unset.compute_efficiency)
+        assert st.with_coeffs(slow).step_time(prefill) - st.step_time(prefill) == pytest.approx(3 * attn, rel=1e-6)
+        # a decode step's attention is bound by its KV reads, which the rate does not touch
+        assert st.with_coeffs(slow).step_time(decode) == st.step_time(decode)
+        same = RooflineCoefficients(attention_efficiency=unset.compute_efficiency)
+        assert st.with_coeffs(same).step_time(prefill) == st.step_time(prefill)
 
 
 def test_the_kv_pool_of_a_sliding_window_model_counts_only_its_full_attention_layers():

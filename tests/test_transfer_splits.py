@@ -88,24 +88,32 @@ def test_one_efficiency_set_fitted_across_models_predicts_a_model_it_never_saw()
     assert pred.loc["mean_tpot_ms", "ape_pct"] < 3 and pred.loc["mean_ttft_ms", "ape_pct"] < 5, pred
 
 
-def test_the_gpus_attention_ratio_for_a_model_never_comes_from_its_own_runs():
-    """Within a configuration, the Triton attention ratio its lowest-load runs cannot time is the
-    GPU's: the median over the *other* models' configurations on that GPU (experiments/gpustack_transfer.py),
-    and the gpt-oss-120b split holds the value so found, which its committed profile carries."""
+def test_the_gpus_attention_efficiency_for_a_model_never_comes_from_its_own_runs():
+    """Within a configuration, the attention efficiency its lowest-load runs cannot time is the
+    kernel's on that GPU: the median over the *other* networks' configurations on the same kernel
+    (experiments/gpustack_transfer.py); a split holds the value so found, which its committed
+    profile carries."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    from gpustack_transfer import gpu_attention_ratio
+    from gpustack_transfer import base_model, gpu_attention_efficiency
 
     from sim.profile import load_profile
 
-    ratios = {"20b": ("gpt-oss-20b", "a100-80g", 0.20), "20b-async": ("gpt-oss-20b", "a100-80g", 0.19),
-              "120b": ("gpt-oss-120b", "a100-80g", 0.31), "120b-h100": ("gpt-oss-120b", "h100-80g", 0.9)}
-    assert gpu_attention_ratio(ratios, "gpt-oss-120b", "a100-80g") == pytest.approx(0.195)
-    assert gpu_attention_ratio(ratios, "gpt-oss-20b", "a100-80g") == pytest.approx(0.31)
-    assert gpu_attention_ratio(ratios, "gpt-oss-20b", "l40s") is None
-    split = load_split("gpustack-gpt-oss-120b-vllm")
-    held = split.fixed["triton_attention_ratio"]
-    assert 0.1 < held < 0.5  # the Triton kernels well below the GEMMs' rate, as the ITL medians say
-    assert load_profile(split.profile).coeffs.triton_attention_ratio == held
+    triton, flash = ("a100-80g", "vLLM", "triton"), ("a100-80g", "vLLM", "default")
+    effs = {"20b": ("gpt-oss-20b", triton, 0.10), "20b-async": ("gpt-oss-20b", triton, 0.12),
+            "120b": ("gpt-oss-120b", triton, 0.11), "14b": ("qwen3-14b", flash, 0.5),
+            "235b": ("qwen3-235b-a22b", flash, 0.3), "235b-fp8": ("qwen3-235b-a22b-fp8", flash, 0.7)}
+    assert gpu_attention_efficiency(effs, triton, {"gpt-oss-120b"}) == pytest.approx(0.11)
+    assert gpu_attention_efficiency(effs, triton, {"gpt-oss-20b"}) == pytest.approx(0.11)
+    assert gpu_attention_efficiency(effs, triton, {"gpt-oss-20b", "gpt-oss-120b"}) is None
+    # the same network quantised otherwise is not another model
+    assert base_model("qwen3-235b-a22b-fp8") == "qwen3-235b-a22b"
+    assert gpu_attention_efficiency(effs, flash, {"qwen3-235b-a22b-fp8"}) == pytest.approx(0.5)
+    assert gpu_attention_efficiency(effs, ("ascend-910b", "vLLM-Ascend", "default"), set()) is None
+    for name in ("gpustack-gpt-oss-120b-vllm", "gpustack-qwen3-14b-vllm", "gpustack-qwen3-235b-fp8-budgets"):
+        split = load_split(name)
+        held = split.fixed["attention_efficiency"]
+        assert 0.05 < held < 0.9
+        assert load_profile(split.profile).coeffs.attention_efficiency == held

@@ -124,14 +124,15 @@ def test_a_public_configuration_validates_from_its_launch_command(tmp_path):
     reproduces the committed report. The burst's wait in front of the scheduler
     (frontend_per_request_s) now explains the 128-in/4-out run's late first tokens, which the fit
     used to absorb by missing that run by 38-47 %; on its own rows it is now within 18 %. The
-    4,000- and 32,000-token runs are predicted fast (TPOT -15 and -11 %: decodes beside a long
-    prompt's chunk read their KV slower than the model's one bandwidth), so TPOT and throughput
-    miss their 10 % targets: guarded at today's figures (13.0 and 12.0 %), TTFT's target held."""
+    4,000- and 32,000-token runs time the attention kernels, which the three lowest-load runs
+    cannot: held at FlashAttention's efficiency on the A100 from the other models' runs (the split's
+    `fixed`), every target is met (6.7 / 8.1 / 7.9 %; left at the GEMMs' rate, TPOT -15 and -11 %
+    on those runs and 13.0 / 12.0 % median TPOT / throughput)."""
     res = validate("gpustack-qwen3-14b-vllm", progress=False, write_profile=False, out_dir=tmp_path)
     _check_reproduces_profile(res)
     s = res.summary.set_index("metric")
-    assert s.loc["mean_ttft_ms", "ok"]
-    assert s.loc["mean_tpot_ms", "median_ape_pct"] < 15 and s.loc["output_throughput", "median_ape_pct"] < 15
+    assert s["ok"].all(), s
+    assert "attention_efficiency" not in res.fitter._names()  # held, the split's value
     assert "frontend_per_request_s" in res.fitter._names() and res.fitter.coeffs_.frontend_per_request_s > 0.005
     assert res.fit_check.table["ape_pct"].abs().max() < 20  # its own rows, the 128/4 run included
 
