@@ -16,11 +16,11 @@ if TYPE_CHECKING:  # the simulator is imported once the arguments are parsed: `-
 
 
 def _load_simulator() -> None:
-    """Import what the commands use (numpy, pandas, the simulator) into this module."""
-    global np, pd, ScenarioError, load_scenario, SimulationStuck, format_report, result_json, \
+    """Import what the commands use (numpy, the simulator) into this module; pandas is imported
+    by the commands that print or read tables (a run that prints its report starts without it)."""
+    global np, ScenarioError, load_scenario, SimulationStuck, format_report, result_json, \
         sglang_result_json, stage_table, traffic_lines, simulate, WorkloadError, trace_skipped
     import numpy as np
-    import pandas as pd
 
     from .config import ScenarioError, load_scenario
     from .engine import SimulationStuck
@@ -115,7 +115,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"WARNING: step time uses {model.source}; latencies are illustrative, not predictions.")
         else:
             print(f"Step time: {model.source}")
-        for line in traffic_lines(res.bench.requests, sc.workload):
+        for line in traffic_lines(res.bench, sc.workload):
             print(line)
         if sc.workload.dataset_name in ("trace", "mooncake"):
             skipped = trace_skipped(sc.workload.trace_path, sc.workload.trace_stage)
@@ -124,7 +124,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     w = sc.workload
     print(format_report(res.bench, w.client, w.max_concurrency, w.request_rate))
     if w.stages is not None and not args.quiet:
-        print(stage_table(res.bench.requests))
+        print(stage_table(res.bench))
     if not args.quiet:
         hits = (f", prefix cache hit rate {100 * res.prefix_hit_tokens / res.prefix_query_tokens:.1f} % "
                 f"({res.prefix_hit_tokens} of {res.prefix_query_tokens} prompt tokens looked up)"
@@ -185,6 +185,8 @@ def _row_cases(table: str, rows: str | None, base_path: str):
     """The measured rows of a table (any format calibration.tables reads), each with the scenario
     that reproduces it: a per-request run replays its own requests; an aggregate row takes its
     columns over the base scenario."""
+    import pandas as pd
+
     from calibration.fit import SIM_KEY, RowCase
     from calibration.rows import row_to_scenario
     from calibration.tables import load_table
@@ -254,6 +256,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     """Every row of a measured table predicted from a profile, measured against predicted."""
+    import pandas as pd
+
     from calibration.fit import SIM_KEY, StepTimeFit
     from sim.profile import load_profile
 
@@ -292,6 +296,8 @@ def _cmd_timeline(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from .sweep import parse_grid, sweep, write_outputs
 
     runs, summary = sweep(args.scenario, args.grid, seeds=args.seeds, slos=args.slo, base_set=args.set,

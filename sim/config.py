@@ -53,7 +53,7 @@ MAX_TOKENS = 10**9
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, defer_build=True)
 
 
 VLLM_ONLY = ("max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "num_gpu_blocks_override",
@@ -343,7 +343,7 @@ class SharedPrefixConfig(_Strict):
     counts as `num_unique_system_prompts` and `num_users_per_system_prompt`: the same numbers
     under other names, accepted here too (one name per count, as inference-perf insists)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, defer_build=True)
     num_groups: int = Field(10, ge=1, validation_alias=AliasChoices("num_groups", "num_unique_system_prompts"))
     num_prompts_per_group: int = Field(10, ge=1, validation_alias=AliasChoices("num_prompts_per_group",
                                                                              "num_users_per_system_prompt"))

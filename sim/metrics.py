@@ -11,12 +11,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from .request import Request, Status
+
+if TYPE_CHECKING:  # the per-request table is built on demand: a run that prints its report never imports pandas
+    import pandas as pd
 from .tokens import TokenStats
 
 METRIC_TITLES = {
@@ -28,8 +31,15 @@ METRIC_TITLES = {
 
 
 def request_table(requests: list[Request]) -> pd.DataFrame:
-    """One row per request: what the client saw, in seconds. Built column by column (no
-    per-request row objects: a million requests stay cheap)."""
+    """One row per request: what the client saw, in seconds (`request_columns` as a table)."""
+    import pandas as pd
+
+    return pd.DataFrame(request_columns(requests))
+
+
+def request_columns(requests: list[Request]) -> dict:
+    """The per-request table's columns: what the client saw, in seconds. Built column by column
+    (no per-request row objects: a million requests stay cheap)."""
     n = len(requests)
 
     def col(get, dtype=float):
@@ -42,16 +52,16 @@ def request_table(requests: list[Request]) -> pd.DataFrame:
     e2el = np.where(ok, col(lambda r: r.last_token_s) - start, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot = np.where(ok & (output > 1), (e2el - ttft) / (output - 1), np.nan)
-    return pd.DataFrame({
+    return {
         "rid": col(lambda r: r.rid, np.int64), "arrival_s": col(lambda r: r.arrival_s), "start_s": start,
         "prompt_len": col(lambda r: r.prompt_len, np.int64), "max_tokens": col(lambda r: r.max_tokens, np.int64),
         "output_len": np.where(ok, output, 0), "success": ok, "ttft_s": ttft, "tpot_s": tpot, "e2el_s": e2el,
         "num_preemptions": col(lambda r: r.num_preemptions, np.int64), "error": [r.error for r in requests],
         "stage": col(lambda r: r.stage, np.int64),
-    })
+    }
 
 
-def traffic_lines(requests: pd.DataFrame, w) -> list[str]:
+def traffic_lines(res: BenchmarkResult, w) -> list[str]:
     """What the run sent, for the report header. A Poisson/Gamma run says its rate and
     burstiness as vLLM's client does; a replayed trace or a staged run says what was replayed:
     requests, time span and mean rate, per stage."""
@@ -67,7 +77,7 @@ def traffic_lines(requests: pd.DataFrame, w) -> list[str]:
         head = f"Traffic: trace {w.trace_path}" + (f", stage {w.trace_stage}" if w.trace_stage is not None else "") \
                + (f", time scale {w.trace_time_scale:g}" if w.trace_time_scale != 1 else "")
     out = [head]
-    for k, g in requests.groupby("stage"):
+    for k, g in res.requests.groupby("stage"):
         t = g["arrival_s"].to_numpy()
         span = float(t.max() - t.min())
         rate = f"{(len(t) - 1) / span:.3f} req/s" if span > 0 else "all at once"
@@ -78,10 +88,10 @@ def traffic_lines(requests: pd.DataFrame, w) -> list[str]:
     return out
 
 
-def stage_table(requests: pd.DataFrame) -> str:
+def stage_table(res: BenchmarkResult) -> str:
     """Per-stage results of a staged run (inference-perf writes a stage_N file each)."""
     rows = ["stage  requests  failed  mean TTFT (ms)  mean TPOT (ms)  mean E2E (ms)  output tok/s"]
-    for k, g in requests.groupby("stage"):
+    for k, g in res.requests.groupby("stage"):
         ok = g[g["success"]]
         span = float((g["start_s"] + g["e2el_s"].fillna(0)).max() - g["start_s"].min())
         thr = ok["output_len"].sum() / span if span > 0 else float("nan")
@@ -119,10 +129,20 @@ class BenchmarkResult:
     """The numbers vLLM's benchmark prints and saves, plus the per-request table."""
 
     metrics: dict
-    requests: pd.DataFrame
+    columns: dict  # `request_columns`
     percentile_metrics: list[str]
     percentiles: list[float]
     goodput: dict[str, float]
+    _table: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def requests(self) -> pd.DataFrame:
+        """The per-request table (`request_table`), built on first use."""
+        if self._table is None:
+            import pandas as pd
+
+            self._table = pd.DataFrame(self.columns)
+        return self._table
 
 
 def calculate_metrics(
@@ -137,20 +157,21 @@ def calculate_metrics(
     token times when not given."""
     if stats is None:
         stats = TokenStats.from_requests(requests)
-    df = request_table(requests)
-    ok = df[df["success"]]
-    completed = len(ok)
-    total_input = int(ok["prompt_len"].sum())
-    total_output = int(ok["output_len"].sum())
+    cols = request_columns(requests)
+    ok = cols["success"]
+    completed = int(ok.sum())
+    total_input = int(cols["prompt_len"][ok].sum())
+    total_output = int(cols["output_len"][ok].sum())
+    tpot = cols["tpot_s"][ok]
     series_ms = {
-        "ttft": ok["ttft_s"].to_numpy() * 1000,
-        "tpot": ok["tpot_s"].dropna().to_numpy() * 1000,
-        "e2el": ok["e2el_s"].to_numpy() * 1000,
+        "ttft": cols["ttft_s"][ok] * 1000,
+        "tpot": tpot[~np.isnan(tpot)] * 1000,
+        "e2el": cols["e2el_s"][ok] * 1000,
     }
     m: dict = {
         "duration": duration_s,
         "completed": completed,
-        "failed": len(df) - completed,
+        "failed": len(ok) - completed,
         "total_input_tokens": total_input,
         "total_output_tokens": total_output,
         "request_throughput": completed / duration_s if duration_s > 0 else 0.0,
@@ -158,7 +179,7 @@ def calculate_metrics(
     if goodput:
         good = np.ones(completed, dtype=bool)
         for key, slo_ms in goodput.items():
-            vals = ok[f"{key}_s"].to_numpy() * 1000
+            vals = cols[f"{key}_s"][ok] * 1000
             good &= ~(vals > slo_ms)  # NaN TPOT (one-token requests) meets any TPOT SLO
         m["request_goodput"] = int(good.sum()) / duration_s if duration_s > 0 else 0.0
     m["output_throughput"] = total_output / duration_s if duration_s > 0 else 0.0
@@ -166,7 +187,7 @@ def calculate_metrics(
     m["max_output_tokens_per_s"], m["max_concurrent_requests"] = peak_rates(requests, stats)
     # SGLang's extras: input throughput, concurrency = sum of E2E over duration, p95/max ITL
     m["input_throughput"] = total_input / duration_s if duration_s > 0 else 0.0
-    m["concurrency"] = float(ok["e2el_s"].sum()) / duration_s if duration_s > 0 else 0.0
+    m["concurrency"] = float(cols["e2el_s"][ok].sum()) / duration_s if duration_s > 0 else 0.0
     # ITL: pooled over every gap of every successful stream, from the weighted aggregate
     itl = stats.itl_summary_ms(sorted(set(percentiles) | {95.0}))
     has = itl["count"] > 0
@@ -184,7 +205,7 @@ def calculate_metrics(
         m[f"std_{name}_ms"] = float(np.std(x)) if has else 0.0
         for p in percentiles:
             m[f"p{_pct_label(p)}_{name}_ms"] = float(np.percentile(x, p)) if has else 0.0
-    return BenchmarkResult(m, df, percentile_metrics, percentiles, goodput or {})
+    return BenchmarkResult(m, cols, percentile_metrics, percentiles, goodput or {})
 
 
 def format_report(
@@ -320,15 +341,15 @@ def result_json(
         out["max_output_tokens_per_s"] = m["max_output_tokens_per_s"]
         out["max_concurrent_requests"] = m["max_concurrent_requests"]
     if requests is not None:
-        df = res.requests
-        ok = df["success"].to_numpy()
-        out["input_lens"] = df["prompt_len"].tolist()
-        out["output_lens"] = df["output_len"].tolist()
-        out["ttfts"] = [float(x) if s else 0.0 for x, s in zip(df["ttft_s"], ok)]
+        cols = res.columns
+        ok = cols["success"]
+        out["input_lens"] = cols["prompt_len"].tolist()
+        out["output_lens"] = cols["output_len"].tolist()
+        out["ttfts"] = [float(x) if s else 0.0 for x, s in zip(cols["ttft_s"], ok)]
         out["itls"] = [np.diff(r.token_times).tolist() if r.status is Status.FINISHED else [] for r in requests]
-        out["errors"] = df["error"].tolist()
+        out["errors"] = list(cols["error"])
         if new:
-            out["start_times"] = df["start_s"].tolist()
+            out["start_times"] = cols["start_s"].tolist()
     for name in res.percentile_metrics:
         for stat in ["mean", "median", "std"] + [f"p{_pct_label(p)}" for p in res.percentiles]:
             out[f"{stat}_{name}_ms"] = m[f"{stat}_{name}_ms"]

@@ -7,18 +7,22 @@ processes. Lengths are token counts only; there is no text.
 
 from __future__ import annotations
 
+import csv
 import functools
 import gc
 import itertools
 
 import math
 import random
-from typing import NamedTuple
+import warnings
+from typing import TYPE_CHECKING, NamedTuple
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas only for traces: a run of a dataset does not import it (a fast start)
+    import pandas as pd
 
 from .config import check_fits_in_memory
 from .prefix_cache import segments
@@ -37,7 +41,7 @@ class Sample(NamedTuple):  # a tuple: a million of them are built in a large run
 
 
 # --- datasets -------------------------------------------------------------------------
-def load_sharegpt_lengths(path: str | None) -> pd.DataFrame:
+def load_sharegpt_lengths(path: str | None) -> dict[str, np.ndarray]:
     """Prompt/completion token counts, columns `prompt_tokens,completion_tokens`."""
     if path is None:
         with resources.as_file(resources.files("sim.data") / SHAREGPT_DEFAULT) as p:
@@ -45,27 +49,36 @@ def load_sharegpt_lengths(path: str | None) -> pd.DataFrame:
     return _read_dataset(path, ("prompt_tokens", "completion_tokens"))
 
 
-def _read_csv(path) -> pd.DataFrame:
-    """A CSV file's table, read once per process while the file stays the same: a sweep or a
-    calibration builds its workload from the same file thousands of times. Callers must not
-    change the table."""
+def _read_csv(path, columns: tuple[str, ...] = ("prompt_tokens", "completion_tokens")) -> dict[str, np.ndarray]:
+    """The named numeric columns of a CSV file, read once per process while the file stays the
+    same: a sweep or a calibration builds its workload from the same file thousands of times.
+    Callers must not change the arrays."""
     st = Path(path).stat()
-    return _read_csv_cached(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+    return _read_csv_cached(str(Path(path).resolve()), st.st_mtime_ns, st.st_size, columns)
 
 
 @functools.lru_cache(maxsize=8)
-def _read_csv_cached(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
-    return pd.read_csv(path)
-
-
-def _read_dataset(path: str, columns: tuple[str, ...]) -> pd.DataFrame:
-    if not Path(path).exists():
-        raise WorkloadError(f"workload.dataset_path: file not found: {path}")
-    df = _read_csv(path)
-    missing = set(columns) - set(df.columns)
+def _read_csv_cached(path: str, mtime_ns: int, size: int, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    with open(path, newline="") as f:
+        header = [h.strip() for h in next(csv.reader([f.readline()]), [])]
+    missing = [c for c in columns if c not in header]
     if missing:
         raise WorkloadError(f"workload.dataset_path: {path} lacks column(s) {sorted(missing)}")
-    return df
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a header without rows: an empty table, not a warning
+            table = np.loadtxt(path, delimiter=",", skiprows=1, usecols=[header.index(c) for c in columns],
+                               dtype=float, ndmin=2, quotechar='"')
+    except (ValueError, IndexError):
+        raise WorkloadError(f"workload.dataset_path: {path}: columns {', '.join(columns)} must hold a number "
+                            "in every row") from None
+    return {c: table[:, k] for k, c in enumerate(columns)}
+
+
+def _read_dataset(path: str, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    if not Path(path).exists():
+        raise WorkloadError(f"workload.dataset_path: file not found: {path}")
+    return _read_csv(path, columns)
 
 
 def sample_sharegpt(df: pd.DataFrame, num_prompts: int, seed: int, fixed_output_len: int | None,
@@ -80,9 +93,9 @@ def sample_sharegpt(df: pd.DataFrame, num_prompts: int, seed: int, fixed_output_
     `random.choices`; the old benchmark_serving.py returned fewer). SGLang's bench_serving
     (0.4.2 and later) drops only prompts or outputs under 2 tokens, and never oversamples.
     """
-    prompts = df["prompt_tokens"].to_numpy()
-    completions = df["completion_tokens"].to_numpy()
-    order = _shuffled(len(df), seed)
+    prompts = np.asarray(df["prompt_tokens"])
+    completions = np.asarray(df["completion_tokens"])
+    order = _shuffled(len(prompts), seed)
     sglang = client == "sglang"
     out: list[Sample] = []
     for i in order:
@@ -171,17 +184,18 @@ def sample_lengths(path: str, num_prompts: int, seed: int, max_tokens: int | Non
     a seeded shuffled order. A request over `max_tokens` in total gives up the excess from prompt
     and output in proportion to their lengths (each rounded up), keeping at least one of each."""
     df = _read_dataset(path, ("num_prefill_tokens", "num_decode_tokens"))
-    p = df["num_prefill_tokens"].astype(int)
-    d = df["num_decode_tokens"].astype(int)
+    p = df["num_prefill_tokens"].astype(np.int64)
+    d = df["num_decode_tokens"].astype(np.int64)
     if max_tokens is not None:
         total = p + d
-        excess = (total - max_tokens).clip(lower=0)
-        p, d = p - np.ceil(excess * p / total).astype(int), d - np.ceil(excess * d / total).astype(int)
-    p, d = p.clip(lower=1), d.clip(lower=1)
-    if num_prompts > len(df):
-        raise WorkloadError(f"workload.num_prompts: {path} has {len(df)} rows, {num_prompts} requested")
-    order = pd.DataFrame({"p": p, "d": d}).sample(frac=1, random_state=seed).iloc[:num_prompts]
-    return list(map(Sample, order["p"].tolist(), order["d"].tolist()))
+        excess = np.maximum(total - max_tokens, 0)
+        p, d = p - np.ceil(excess * p / total).astype(np.int64), d - np.ceil(excess * d / total).astype(np.int64)
+    p, d = np.maximum(p, 1), np.maximum(d, 1)
+    if num_prompts > len(p):
+        raise WorkloadError(f"workload.num_prompts: {path} has {len(p)} rows, {num_prompts} requested")
+    # Vidur's shuffle, pandas' sample(frac=1, random_state=seed): RandomState(seed).permutation
+    order = np.random.RandomState(seed).permutation(len(p))[:num_prompts]
+    return list(map(Sample, p[order].tolist(), d[order].tolist()))
 
 
 def load_trace(path: str, num_prompts: int | None, time_scale: float,

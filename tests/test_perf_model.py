@@ -159,7 +159,7 @@ def test_the_attention_runs_at_its_own_rate_and_at_the_linear_layers_rate_when_u
     kernels gpt-oss's sinks need on an A100), not the model's GEMM rate: `attention_efficiency`
     changes the attention's time and nothing else; unset, the attention runs at compute_efficiency."""
     prefill = BatchShape(num_seqs=1, prefill_tokens=2048, prefill_attn_pairs=2048 * 16000.0)
-    decode = BatchShape(num_seqs=64, decode_seqs=64, decode_ctx_tokens=64 * 100.0)
+    decode = BatchShape(num_seqs=64, decode_seqs=64, decode_ctx_tokens=64 * 100)
     unset = RooflineCoefficients()
     assert unset.attention_efficiency is None and unset.attention_rate == unset.compute_efficiency
     assert "attention_efficiency" not in unset.as_dict()  # a profile leaves it out

@@ -67,7 +67,7 @@ def test_sharegpt_order_is_pythons_shuffle_of_the_conversations():
 
 def test_bundled_sharegpt_matches_seed004_workload():
     df = load_sharegpt_lengths(None)
-    assert len(df) == 17400
+    assert len(df["prompt_tokens"]) == len(df["completion_tokens"]) == 17400
     s = sample_sharegpt(df, 1000, seed=0, fixed_output_len=None)
     mean_in = np.mean([x.prompt_len for x in s])
     assert 190 < mean_in < 250  # seed 004 measured 217.4 per request
