@@ -26,7 +26,7 @@ import pandas as pd
 from calibration.fit import RowCase, StepTimeFit
 from calibration.gpustack import METRICS, load, runs
 
-from gpustack_transfer import N_TRAIN, TARGETS, _load_rank, held_attention, kernel_efficiencies
+from gpustack_transfer import N_TRAIN, TARGETS, _load_rank, all_run_fits, held_attention, kernel_efficiencies
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "gpu_shared.md"
@@ -42,7 +42,8 @@ def main() -> None:
     for r in runs(load()):
         by_gpu.setdefault(r.hardware, {}).setdefault(r.config, []).append(r)
     out, fitted, notes = [], [], []
-    effs = kernel_efficiencies({c: rs for configs in by_gpu.values() for c, rs in configs.items()})
+    every = {c: rs for configs in by_gpu.values() for c, rs in configs.items()}
+    effs = kernel_efficiencies(all_run_fits(every), every)
     for hw, configs in by_gpu.items():
         models = sorted({rs[0].model for rs in configs.values()})
         if len(models) < 2:

@@ -68,19 +68,24 @@ def base_model(model: str) -> str:
     return re.sub(r"-(fp8|awq|gptq.*|w8a8|int4|int8)$", "", model)
 
 
-def kernel_efficiencies(by_config: dict) -> dict:
-    """config -> (model, attention kernel, attention_efficiency fitted on every run of it but those
-    at a fixed concurrency), for the configurations whose long prompts time it."""
+def all_run_fits(by_config: dict) -> dict:
+    """config -> its fit on every run but those at a fixed concurrency (its long prompts time the
+    attention kernels, which its three lowest-load runs cannot)."""
     out = {}
     for config, rs in by_config.items():
         if len(rs) < N_TRAIN + 1:
             continue
         ra = _unfixed_runs(rs)
-        fit = StepTimeFit(model=ra[0].model, hardware=ra[0].hardware, tp=ra[0].tp, metrics=METRICS, seeds=(0,))
-        fit.fit([r.case for r in ra])
-        if fit.attention_:
-            out[config] = (ra[0].model, attention_kernel(ra[0]), fit.coeffs_.attention_efficiency)
+        out[config] = StepTimeFit(model=ra[0].model, hardware=ra[0].hardware, tp=ra[0].tp, metrics=METRICS,
+                                  seeds=(0,)).fit([r.case for r in ra])
     return out
+
+
+def kernel_efficiencies(full: dict, by_config: dict) -> dict:
+    """config -> (model, attention kernel, attention_efficiency of its `all_run_fits` fit), for the
+    configurations whose long prompts time it."""
+    return {config: (by_config[config][0].model, attention_kernel(by_config[config][0]), fit.coeffs_.attention_efficiency)
+            for config, fit in full.items() if fit.attention_}
 
 
 def gpu_attention_efficiency(effs: dict, kernel: tuple, without: set[str]) -> float | None:
@@ -123,7 +128,7 @@ FAMILIES = [("Qwen/Qwen3-14B · vLLM · vllm serve Qwen/Qwen3-14B", "Qwen/Qwen3-
              "openai/gpt-oss-120b · vLLM · vllm serve openai/gpt-oss-120b --max-model-len 32768")]
 
 
-def transfers(by_config: dict, fits: dict, effs: dict) -> tuple[pd.DataFrame, list[str]]:
+def transfers(by_config: dict, fits: dict, effs: dict, full_fits: dict) -> tuple[pd.DataFrame, list[str]]:
     """Predictions of the fits for runs outside their configuration (see the module docstring)."""
     out, notes = [], []
     # another --max-num-batched-tokens: the same launch otherwise
@@ -149,12 +154,10 @@ def transfers(by_config: dict, fits: dict, effs: dict) -> tuple[pd.DataFrame, li
             continue
         # the same, fitted on every run of the source (its long prompts time the attention
         # kernels, which its three lowest-load runs cannot): still no run of the target is fitted
-        ra = _unfixed_runs(by_config[a])
-        full = StepTimeFit(model=ra[0].model, hardware=ra[0].hardware, tp=ra[0].tp, metrics=METRICS, seeds=(0,))
-        full.fit([r.case for r in ra])
+        full = full_fits[a]
         p = _predict_with(full.coeffs_, rb[0].model, rb[0].hardware, rb[0].tp, [r.case for r in rb])
         out.append(p.assign(kind="another model, same family, every source run fitted", source=a, config=b))
-        notes.append(f"- {a}, every run but those at a fixed concurrency fitted ({len(ra)}): "
+        notes.append(f"- {a}, every run but those at a fixed concurrency fitted ({len(_unfixed_runs(by_config[a]))}): "
                      f"attention_efficiency {full.coeffs_.attention_rate:.3f}, "
                      f"frontend_per_request_s {full.coeffs_.frontend_per_request_s * 1e3:.2f} ms")
     # seed 002: the vLLM profile on the SGLang runs (same model, same 8x H20)
@@ -176,7 +179,8 @@ def main(only: str = "") -> None:
     for r in runs(df):
         by_config.setdefault(r.config, []).append(r)
     rows, notes, fitted, fits = [], [], [], {}
-    effs = kernel_efficiencies(by_config)
+    full_fits = all_run_fits(by_config)
+    effs = kernel_efficiencies(full_fits, by_config)
     for config, (model, kernel, e) in effs.items():
         notes.append(f"- {config} ({', '.join(kernel)}), every run but those at a fixed concurrency fitted: "
                      f"attention_efficiency {e:.3f}")
@@ -240,7 +244,7 @@ def main(only: str = "") -> None:
         med = {m: p[p["metric"] == m]["ape_pct"].median() for m in METRICS}
         lines.append(f"| {config} | {g[g['set'] == 'fit']['row_id'].nunique()} | {p['row_id'].nunique()} | "
                      f"{med['mean_ttft_ms']:.1f} % | {med['mean_tpot_ms']:.1f} % | {med['output_throughput']:.1f} % |")
-    tr, tr_notes = transfers(by_config, fits, effs) if not only else (pd.DataFrame(), [])
+    tr, tr_notes = transfers(by_config, fits, effs, full_fits) if not only else (pd.DataFrame(), [])
     notes += tr_notes
     if len(tr):
         lines += ["", "## Beyond the configuration (median APE, every run predicted)", "",

@@ -30,13 +30,6 @@ METRIC_TITLES = {
 }
 
 
-def request_table(requests: list[Request]) -> pd.DataFrame:
-    """One row per request: what the client saw, in seconds (`request_columns` as a table)."""
-    import pandas as pd
-
-    return pd.DataFrame(request_columns(requests))
-
-
 def request_columns(requests: list[Request]) -> dict:
     """The per-request table's columns: what the client saw, in seconds. Built column by column
     (no per-request row objects: a million requests stay cheap)."""
@@ -137,7 +130,7 @@ class BenchmarkResult:
 
     @property
     def requests(self) -> pd.DataFrame:
-        """The per-request table (`request_table`), built on first use."""
+        """One row per request (`request_columns`) as a table, built on first use."""
         if self._table is None:
             import pandas as pd
 

@@ -441,11 +441,18 @@ class RooflineStepTime:
         counts, where = np.unique(tokens, return_inverse=True)
         return np.array([self._experts_touched(int(n)) for n in counts])[where.reshape(-1)]
 
+    def _linear_and_comm(self, b: BatchShape, c: RooflineCoefficients) -> tuple[float, float]:
+        """Seconds of the batch's linear layers (their roofline) and of its all-reduces: the terms
+        of a step that do not depend on the context it attends over."""
+        tokens = b.prefill_tokens + b.decode_seqs + b.spec_tokens
+        run = self._run_tokens(tokens, b.prefill_tokens)
+        lin_c = (self._s_per_token_flop * run + self._s_per_seq_flop * b.num_seqs) / c.compute_efficiency
+        lin_m = (self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)) / c.memory_efficiency
+        return max(lin_c, lin_m), self._s_comm_per_token * run / c.comm_efficiency + self._s_comm_latency
+
     # scalar path, called once per simulated step
     def step_time(self, b: BatchShape) -> float:
         c = self.coeffs
-        tokens = b.prefill_tokens + b.decode_seqs + b.spec_tokens
-        run = self._run_tokens(tokens, b.prefill_tokens)
         attention = self._s_per_pair * (b.prefill_attn_pairs + b.decode_ctx_tokens)
         kv = self._s_per_ctx_token * b.decode_ctx_tokens
         if self._window:
@@ -453,12 +460,8 @@ class RooflineStepTime:
             reads = min(b.decode_ctx_tokens, w * b.decode_seqs)
             attention += self._s_per_win_pair * (min(b.prefill_attn_pairs, w * b.prefill_tokens) + reads)
             kv += self._s_per_win_ctx * reads
-        lin_c = (self._s_per_token_flop * run + self._s_per_seq_flop * b.num_seqs) / c.compute_efficiency
-        lin_m = (self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)) / c.memory_efficiency
-        att_c = attention / c.attention_rate
-        att_m = kv / c.memory_efficiency
-        t_gpu = max(lin_c, lin_m) + max(att_c, att_m) + (self._s_comm_per_token * run / c.comm_efficiency
-                                                         + self._s_comm_latency)
+        lin, comm = self._linear_and_comm(b, c)
+        t_gpu = lin + max(attention / c.attention_rate, kv / c.memory_efficiency) + comm
         prefill = c.prefill_overhead_s if b.prefill_tokens else 0.0
         if self._overlap:  # the CPU plans the next step while the GPU runs this one
             return max(c.cpu_overhead_s, c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill
@@ -502,18 +505,14 @@ class RooflineStepTime:
         of `ctx` (a run of decode steps). The batch-constant terms are computed as `step_time`
         computes them and only the context terms as arrays, in the same order: the same floats."""
         c = self.coeffs
-        tokens = b.prefill_tokens + b.decode_seqs + b.spec_tokens
-        run = self._run_tokens(tokens, b.prefill_tokens)
         attention = self._s_per_pair * (b.prefill_attn_pairs + ctx)
         kv = self._s_per_ctx_token * ctx
         if self._window:
             pairs, reads = self._window_terms(b.prefill_attn_pairs, b.prefill_tokens, ctx, b.decode_seqs)
             attention = attention + self._s_per_win_pair * pairs
             kv = kv + self._s_per_win_ctx * reads
-        lin_c = (self._s_per_token_flop * run + self._s_per_seq_flop * b.num_seqs) / c.compute_efficiency
-        lin_m = (self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)) / c.memory_efficiency
-        t_gpu = (max(lin_c, lin_m) + np.maximum(attention / c.attention_rate, kv / c.memory_efficiency)
-                 + (self._s_comm_per_token * run / c.comm_efficiency + self._s_comm_latency))
+        lin, comm = self._linear_and_comm(b, c)
+        t_gpu = lin + np.maximum(attention / c.attention_rate, kv / c.memory_efficiency) + comm
         prefill = c.prefill_overhead_s if b.prefill_tokens else 0.0
         if self._overlap:
             return np.maximum(c.cpu_overhead_s, c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill
@@ -524,12 +523,7 @@ class RooflineStepTime:
         """See `sim.step_time.decode_run_ends`: the batch-constant terms once, the context terms
         per step, in `step_time`'s order (so `step_time`'s floats), in a plain loop."""
         c = self.coeffs
-        tokens = b.prefill_tokens + b.decode_seqs + b.spec_tokens
-        run = self._run_tokens(tokens, b.prefill_tokens)
-        lin_c = (self._s_per_token_flop * run + self._s_per_seq_flop * b.num_seqs) / c.compute_efficiency
-        lin_m = (self._s_static_mem + self._s_per_expert * self._experts_touched(tokens)) / c.memory_efficiency
-        lin = lin_c if lin_c >= lin_m else lin_m  # max(), first of equals
-        comm = self._s_comm_per_token * run / c.comm_efficiency + self._s_comm_latency
+        lin, comm = self._linear_and_comm(b, c)
         prefill = c.prefill_overhead_s if b.prefill_tokens else 0.0
         fixed = c.cpu_overhead_s + c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill
         rest = c.step_overhead_s + c.per_seq_s * b.num_seqs + prefill

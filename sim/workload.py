@@ -29,6 +29,7 @@ from .prefix_cache import segments
 from .request import Request
 
 SHAREGPT_DEFAULT = "sharegpt_v3_qwen_lengths.csv"
+SHAREGPT_COLUMNS = ("prompt_tokens", "completion_tokens")
 
 
 class WorkloadError(ValueError):
@@ -45,11 +46,11 @@ def load_sharegpt_lengths(path: str | None) -> dict[str, np.ndarray]:
     """Prompt/completion token counts, columns `prompt_tokens,completion_tokens`."""
     if path is None:
         with resources.as_file(resources.files("sim.data") / SHAREGPT_DEFAULT) as p:
-            return _read_csv(p)
-    return _read_dataset(path, ("prompt_tokens", "completion_tokens"))
+            return _read_csv(p, SHAREGPT_COLUMNS)
+    return _read_dataset(path, SHAREGPT_COLUMNS)
 
 
-def _read_csv(path, columns: tuple[str, ...] = ("prompt_tokens", "completion_tokens")) -> dict[str, np.ndarray]:
+def _read_csv(path, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The named numeric columns of a CSV file, read once per process while the file stays the
     same: a sweep or a calibration builds its workload from the same file thousands of times.
     Callers must not change the arrays."""
