@@ -267,7 +267,7 @@ class Engine:
                 req.end_step = self.num_steps
                 self.on_done(req)
             sched.rejected.clear()
-            if not batch.reqs:
+            if not batch.reqs and not batch.shape.num_seqs:  # (a step may carry only lingering requests)
                 if batch.preempted or rejected:
                     continue  # the queues changed; the next plan may admit someone
                 if sched.has_work() and not sched.running:
@@ -314,6 +314,8 @@ class Engine:
             yield env.timeout(dt)
             now = env.now
             self._ran(shape, 1)
+            if sched.lingering:
+                sched.release_lingering()
             if self.steps is not None:
                 self.steps.append(StepRecord(
                     t0, dt, shape, self._after_idle, len(batch.preempted) + len(batch.aborted),
@@ -400,6 +402,8 @@ class Engine:
 
         self._ran(batch.shape, done)
         self._after_idle = False
+        if sched.lingering:
+            sched.release_lingering()
         fewest = sched.advance_decode_run(batch, done)  # the KV the later steps allocated
         if chunked is not None:
             sched.advance_chunk(chunked, batch.num_new[-1], done)

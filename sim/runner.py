@@ -83,6 +83,8 @@ def simulate(sc: Scenario, record_steps: bool = False, keep_token_times: bool | 
         if r.aborted:  # the client gave up on it: a failure, however the server ended it
             r.status = Status.FAILED
     unfinished = [r for r in requests if not r.done]
+    for eng in dep.engines:  # the step after the last completion frees what it carried (SGLang's overlap)
+        eng.scheduler.release_lingering()
     in_use = sum(eng.scheduler.kv.num_used for eng in dep.engines)
     if unfinished or in_use:
         raise SimulationStuck(  # pragma: no cover - an invariant, checked on every run

@@ -32,7 +32,9 @@ def run_until_done(s, reqs) -> None:
         done = [r for r in b.reqs if r.output_len >= r.max_tokens]
         for r in done:
             r.status = r.status.FINISHED
+        s.release_lingering()  # as the engine does after every step (SGLang's overlap: one step late)
         s.release_finished(done)
+    s.release_lingering()  # the step after the last completion
 
 
 def test_defaults_v1_caches_prefixes_v0_does_not_sglang_radix_on():

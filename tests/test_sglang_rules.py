@@ -192,3 +192,51 @@ def test_sglang_flags_are_refused_for_vllm_and_the_other_way_round():
     with pytest.raises(ScenarioError, match="max_num_seqs: vLLM flag"):
         scenario_from_dict({"engine": {"scheduler": "sglang", "context_length": 100, "max_total_tokens": 1600,
                                        "max_num_seqs": 8}})
+
+
+# --- the overlap scheduler: results one step late (engine-semantics.md, SGLang overlap) ----------
+def _one_engine(engine: dict, num_prompts: int = 1, out: int = 8, concurrency: int | None = None):
+    from sim.config import scenario_from_dict
+    from sim.runner import simulate
+
+    workload = {"dataset_name": "random", "num_prompts": num_prompts, "request_rate": "inf",
+                "random_input_len": 32, "random_output_len": out, "random_range_ratio": 0.0}
+    if concurrency:
+        workload["max_concurrency"] = concurrency
+    return simulate(scenario_from_dict({"engine": engine, "workload": workload}), record_steps=True)
+
+
+_SGLANG = {"scheduler": "sglang", "context_length": 2048, "kv_cache_tokens": 4096, "max_running_requests": 1}
+_V1 = {"scheduler": "vllm-v1", "max_model_len": 2048, "num_gpu_blocks_override": 256, "max_num_seqs": 1}
+
+
+def _shapes(res) -> list[tuple[int, int]]:
+    return [(st.shape.num_seqs, st.shape.prefill_tokens) for st in res.steps]
+
+
+def test_sglang_overlap_decodes_a_finished_request_once_more_and_vllm_async_does_not():
+    """SGLang forms step N+1 before it reads step N's results, so a request whose last token came
+    in step N decodes once more in N+1, for nothing, and its slot is taken through that step. Two
+    requests of 8 tokens, one slot: 1 prefill + 7 decodes, the extra decode, then the second's 8
+    steps (the run ends when the client has the last token, before the last extra step): 17 steps,
+    16 without overlap. vLLM V1's async scheduling counts placeholders and never schedules a request
+    past max_tokens: 16 steps either way."""
+    one = [(1, 32)] + [(1, 0)] * 7
+    overlap = _one_engine(_SGLANG, num_prompts=2)
+    sync = _one_engine({**_SGLANG, "disable_overlap_schedule": True}, num_prompts=2)
+    assert _shapes(overlap) == one + [(1, 0)] + one
+    assert _shapes(sync) == one + one
+    assert [r.output_len for r in overlap.requests] == [8, 8]
+    for async_on in (True, False):
+        assert _shapes(_one_engine({**_V1, "async_scheduling": async_on}, num_prompts=2)) == one + one
+
+
+def test_sglang_overlap_delays_the_waiting_request_by_one_step_not_the_finished_ones_last_token():
+    """The client hears the first request's last token when step 8 ends in both modes; the second
+    request, waiting for the slot, starts a step later with overlap on."""
+    overlap = _one_engine(_SGLANG, num_prompts=2)
+    first, second = overlap.requests
+    ends = [st.t_start_s + st.duration_s for st in overlap.steps]
+    assert first.token_times[-1] == pytest.approx(ends[7])
+    assert second.token_times[0] == pytest.approx(ends[9])  # after the extra step (index 8) and its prefill
+    assert overlap.steps[9].t_start_s == pytest.approx(ends[8])

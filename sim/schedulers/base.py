@@ -94,6 +94,11 @@ class Scheduler:
         # class that defines `_schedule` says so; asked per plan, so answered once here)
         owner = next(c for c in type(self).__mro__ if "_schedule" in vars(c))
         self._as_written: bool = vars(owner).get("compress_rules", False) is True
+        # SGLang's overlap scheduler forms step N+1 before it reads step N's results, so a request
+        # whose last token came in step N is still in step N+1 (it decodes once more, for nothing)
+        # and its slot and KV are freed only after that step is launched (see `release_finished`)
+        self.late_release = False
+        self.lingering: list[Request] = []  # finished in the last step, released after this one
 
     # --- queue plumbing ----------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -104,15 +109,34 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def release_finished(self, finished: list[Request]) -> None:
-        """Called by the engine after a step: finished requests leave and free their KV."""
+        """Called by the engine after a step: finished requests leave and free their KV, or with
+        `late_release` leave `running` but keep their slot and KV through the next step."""
+        if self.late_release:
+            for req in finished:
+                if not req.hold_kv:  # (a PD prefill job keeps its KV until the transfer anyway)
+                    self.lingering.append(req)
         for req in finished:
-            if not req.hold_kv:
+            if not req.hold_kv and not self.late_release:
                 self.kv.free(req)
         if len(finished) < 8:
             for req in finished:  # remove() compares by identity, in C
                 self.running.remove(req)
         else:
             self.running = [r for r in self.running if r.status is not Status.FINISHED]
+
+    def release_lingering(self) -> None:
+        """Called by the engine after each step: the requests that finished the step before, which
+        this step still carried, free their KV."""
+        for req in self.lingering:
+            self.kv.free(req)
+        self.lingering = []
+
+    def _carry_lingering(self, batch: Batch) -> None:
+        """The finished requests a late-releasing engine does not know are finished decode in this
+        batch once more: their token counts in the step's shape and is thrown away. (Its one KV slot
+        is not taken: it is freed within the step.)"""
+        for req in self.lingering:
+            batch.shape.add_chunk(req.num_computed, 1, True)
 
     # --- the decode side of prefill/decode disaggregation ---------------------------------
     def admit_transferred(self, req: Request, computed: int) -> None:

@@ -38,6 +38,7 @@ class SglangScheduler(Scheduler):
         self.new_token_ratio = self.init_ratio
         self.chunked_req: Request | None = None  # the one request whose prompt is being chunked
         self.num_retractions = 0
+        self.late_release = not cfg.disable_overlap_schedule  # the overlap scheduler: one step late
 
     def abort(self, req: Request) -> None:
         if self.chunked_req is req:
@@ -58,9 +59,13 @@ class SglangScheduler(Scheduler):
 
     def _schedule(self) -> Batch:
         batch = self._prefill_batch()
-        if batch.reqs:
-            return batch
-        return self._decode_batch()
+        if not batch.reqs:
+            batch = self._decode_batch()
+        if self.lingering and (not batch.reqs or batch.decode[-1]):
+            # a decode step (or a mixed one) carries the running batch, and with it the requests
+            # that finished in the last step; a prefill-only step does not
+            self._carry_lingering(batch)
+        return batch
 
     compress_rules = True  # see Scheduler.compress_rules
 
@@ -80,7 +85,7 @@ class SglangScheduler(Scheduler):
             return batch
         self._sync_group()  # the reservations below read every running request
         decoding = [r for r in self.running if r is not self.chunked_req]
-        if len(self.running) >= cfg.max_running_requests and self.chunked_req is None:
+        if len(self.running) + len(self.lingering) >= cfg.max_running_requests and self.chunked_req is None:
             return batch  # batch_is_full
         chunk_size = cfg.chunked_prefill_size if cfg.chunked_prefill_size and cfg.chunked_prefill_size > 0 else None
         mixed_tokens = len(decoding) if cfg.enable_mixed_chunk else 0
@@ -118,7 +123,7 @@ class SglangScheduler(Scheduler):
         while self.waiting and self.chunked_req is None:
             if rem_total <= 0 or rem_input <= 0 or (rem_chunk is not None and rem_chunk <= 0):
                 break  # budget_state: NO_TOKEN / OTHER
-            if len(self.running) + len(admitted) >= cfg.max_running_requests:
+            if len(self.running) + len(self.lingering) + len(admitted) >= cfg.max_running_requests:
                 break  # batch_is_full
             req = self.waiting[0]
             hit, cached = kv.lookup(req)  # radix match: only the rest of the prompt is computed
@@ -232,7 +237,7 @@ class SglangScheduler(Scheduler):
 
     # --- event compression ------------------------------------------------------------------
     def steady_steps(self, batch: Batch) -> int:
-        if not self._plans_as_written() or self.chunked_req is not None:
+        if not self._plans_as_written() or self.chunked_req is not None or self.lingering:
             return 1
         if self.waiting and len(self.running) < self.cfg.max_running_requests:
             return 1  # the PrefillAdder's budget moves with new_token_ratio every step
