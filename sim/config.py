@@ -520,6 +520,9 @@ class StepTimeConfig(_Strict):
     model: str | None = None
     hardware: str | None = None
     tp: int | None = Field(None, ge=1)
+    dp: int = Field(1, ge=1, description="DP attention ranks of tp devices each, the MoE's routed experts "
+                    "expert-parallel over all tp x dp devices (SGLang --dp with --enable-dp-attention, "
+                    "vLLM -dp with --enable-expert-parallel); the engine's limits are the whole group's")
     # roofline coefficients (override the profile's)
     launch_overhead_s: float | None = Field(None, ge=0)
     prefill_overhead_s: float | None = Field(None, ge=0)
@@ -557,6 +560,9 @@ class StepTimeConfig(_Strict):
             raise ValueError(
                 "linear coefficients (per_prefill_token_s, ...) cannot be combined with profile/model/hardware"
             )
+        if self.dp > 1 and not roofline:
+            raise ValueError(f"dp = {self.dp}: DP attention with expert parallelism is a roofline term "
+                             "(needs a profile or model + hardware)")
         if self.profile is None and (self.model is None) != (self.hardware is None):
             raise ValueError("the roofline model needs both model and hardware (or a profile)")
         shared = ("step_overhead_s", "per_seq_s")
@@ -583,10 +589,10 @@ class StepTimeConfig(_Strict):
             hw = load_hardware_spec(self.hardware) if self.hardware else base.hardware
             coeffs = RooflineCoefficients(**{**prof.coeffs.as_dict(), **coeff_over})
             return RooflineStepTime(model, hw, self.tp or prof.tp, coeffs, base.calibrated and not coeff_over,
-                                    base.source + (" with overrides" if coeff_over else ""))
+                                    base.source + (" with overrides" if coeff_over else ""), dp=self.dp)
         return RooflineStepTime(load_model_spec(self.model), load_hardware_spec(self.hardware), self.tp or 1,
                                 RooflineCoefficients(**coeff_over), self.calibrated,
-                                self.source or "roofline with hand-set efficiencies (uncalibrated)")
+                                self.source or "roofline with hand-set efficiencies (uncalibrated)", dp=self.dp)
 
     def profile_kv_cache_tokens(self) -> int | None:
         if self.profile is None:

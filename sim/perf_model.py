@@ -361,11 +361,23 @@ class RooflineStepTime:
     calibrated: bool = False
     source: str = "roofline with default efficiencies (uncalibrated)"
     facts: EngineFacts = field(default_factory=EngineFacts)  # the engine's graphs and overlap
+    # DP attention with expert parallelism (SGLang --enable-dp-attention, vLLM -dp with
+    # --enable-expert-parallel, vllm-ascend's DP decode groups): the instance is `dp` ranks of `tp`
+    # devices each, every rank attends over its own share of the batch with the non-expert weights
+    # whole (within its TP), and the routed experts are spread over all tp x dp devices, reached by
+    # an all-to-all per MoE layer (`_dp_ep`)
+    dp: int = 1
 
     def __post_init__(self) -> None:
         m, hw, tp = self.model, self.hardware, self.tp
         if tp < 1:
             raise ValueError("tp must be >= 1")
+        if self.dp < 1:
+            raise ValueError("dp must be >= 1")
+        if self.dp > 1 and not m.is_moe:
+            raise ValueError(f"dp = {self.dp}: DP attention with expert parallelism needs an MoE model "
+                             f"({m.name} has no experts); a dense model's data parallelism is separate instances "
+                             "(deployment.instances)")
         peak = hw.peak_flops(m.compute_dtype)
         bw = hw.hbm_bandwidth_gbps * 1e9
         # ideal seconds per unit, per device
@@ -391,8 +403,49 @@ class RooflineStepTime:
         )
         self._s_comm_latency = m.num_layers * 2 * hw.allreduce_latency_us * 1e-6 if tp > 1 else 0.0
         self._pad = self.facts.pad_table()
+        if self.dp > 1:
+            self._dp_ep()
         self._pad_array = np.array(self._pad, dtype=float)
         self._overlap = self.facts.overlap
+
+    def _dp_ep(self) -> None:
+        """The per-device constants of an instance of `dp` attention ranks of `tp` devices with its
+        routed experts over all g = tp x dp devices, its batch spread evenly over the ranks. Per
+        token of the instance's batch, each device computes 1/g of the FLOPs (1/dp of the tokens
+        through 1/tp of the dense weights; all tokens' top-k experts through 1/g of them) and reads
+        1/dp of the KV (a rank holds its own sequences' KV: MLA's latent is not divided by TP, but is
+        by DP). Weights per step: the non-expert ones (attention, dense MLPs, shared experts,
+        embeddings) whole per rank within its TP; the routed experts the batch touches, 1/g each.
+        Communication: the TP all-reduces over a rank's own tokens, and per MoE layer a dispatch and
+        a combine all-to-all, each device sending 1/g of the tokens (a rank's TP devices split
+        its tokens) with a token's hidden state (16-bit) to its top-k experts, (g-1)/g elsewhere; each all-to-all pays the link's small-message latency (the
+        all-reduce's figure from the spec, an estimate). A rank's batch runs in its own CUDA graph."""
+        m, hw, tp, dp = self.model, self.hardware, self.tp, self.dp
+        g = tp * dp
+        peak = hw.peak_flops(m.compute_dtype)
+        bw = hw.hbm_bandwidth_gbps * 1e9
+        self._s_per_token_flop = 2.0 * m.layer_params_active() / g / peak
+        self._s_per_seq_flop = 2.0 * m.hidden_size * m.vocab_size / g / peak
+        full, win = 1.0 - m.window_fraction, m.window_fraction
+        self._s_per_pair = m.attention_flops_per_pair() * full / g / peak
+        self._s_per_win_pair = m.attention_flops_per_pair() * win / g / peak
+        self._s_per_ctx_token = m.kv_bytes_per_token(tp) / dp * full / bw
+        self._s_per_win_ctx = m.kv_bytes_per_token(tp) / dp * win / bw
+        # `_experts_touched` counts the shared experts too; they are read whole within a rank's TP
+        shared = m.num_moe_layers * m.shared_experts * m.expert_params() * m.bytes_per_weight
+        self._s_per_expert = m.num_moe_layers * m.expert_params() * m.bytes_per_weight / g / bw
+        self._s_static_mem = ((m.weight_bytes_total() - self._expert_bytes_all()) / tp + shared / tp - shared / g) / bw
+        link = hw.interconnect_gbps * 1e9
+        if link <= 0:
+            raise ValueError(f"hardware {hw.name}: dp={dp} (expert parallel) needs interconnect_gbps")
+        allreduce = m.num_layers * 2 * m.hidden_size * 2 * 2 * (tp - 1) / tp / link / dp if tp > 1 else 0.0
+        all_to_all = m.num_moe_layers * 2 * m.experts_per_token * m.hidden_size * 2 * (g - 1) / g / link / g
+        self._s_comm_per_token = allreduce + all_to_all
+        self._s_comm_latency = (m.num_layers * 2 * hw.allreduce_latency_us * 1e-6 if tp > 1 else 0.0) \
+            + m.num_moe_layers * 2 * hw.allreduce_latency_us * 1e-6
+        if self._pad:  # each rank pads its share of the batch to its own graph
+            rank = self._pad
+            self._pad = [0] + [dp * rank[-(-t // dp)] for t in range(1, dp * (len(rank) - 1) + 1)]
 
     def _run_tokens(self, tokens: int, prefill_tokens: int) -> int:
         """Tokens the linear layers compute: the batch padded to its CUDA graph, if it runs in one."""
@@ -563,18 +616,19 @@ class RooflineStepTime:
 
     def describe(self) -> dict:
         return {"kind": "roofline", "model": self.model.name, "hardware": self.hardware.name, "tp": self.tp,
+                **({"dp_attention_ep": self.dp} if self.dp > 1 else {}),
                 **self.coeffs.as_dict(), "calibrated": self.calibrated, "source": self.source,
                 "overlap_schedule": self.facts.overlap,
                 "cuda_graph_max_tokens": self.facts.graph_sizes[-1] if self.facts.graph_sizes else 0}
 
     def with_coeffs(self, coeffs: RooflineCoefficients) -> RooflineStepTime:
-        return RooflineStepTime(self.model, self.hardware, self.tp, coeffs, self.calibrated, self.source, self.facts)
+        return RooflineStepTime(self.model, self.hardware, self.tp, coeffs, self.calibrated, self.source, self.facts, self.dp)
 
     def with_facts(self, facts: EngineFacts) -> RooflineStepTime:
         """This model on an engine with these graphs and this overlap (`EngineConfig.step_facts`)."""
         if facts == self.facts:
             return self
-        return RooflineStepTime(self.model, self.hardware, self.tp, self.coeffs, self.calibrated, self.source, facts)
+        return RooflineStepTime(self.model, self.hardware, self.tp, self.coeffs, self.calibrated, self.source, facts, self.dp)
 
     def implied(self) -> dict:
         """What the coefficients claim about the hardware, for the fit report."""

@@ -188,3 +188,70 @@ def test_the_kv_pool_of_a_sliding_window_model_counts_only_its_full_attention_la
     dense = load_model_spec("qwen3-14b")
     assert kv_capacity_tokens(dense, hw, 1, 0.9, 2.0) == pytest.approx(
         (80 * 0.9 * 1024**3 - dense.weight_bytes_total() - 2.0 * 1024**3) // dense.kv_bytes_per_token(1), abs=1)
+
+
+# --- DP attention with expert parallelism (step_time.dp) ---------------------------------------------
+def _terms(st: RooflineStepTime, shape: BatchShape) -> dict:
+    names = ("linear", "weights", "attention", "kv", "comm", "seqs", "prefill", "overlap", "latency")
+    return {k: (float(v[0]) if isinstance(v, np.ndarray) else v) for k, v in zip(names, st.step_terms(features([shape])))}
+
+
+def test_dp_attention_divides_flops_and_kv_by_rank_but_reads_the_dense_weights_whole():
+    """DeepSeek-R1 on 8 devices as DP8 x TP1 (experts over all 8) against TP8: the same FLOPs per
+    device, the same KV reads (MLA's latent is not split by TP, a DP rank holds only its own
+    sequences), but each rank reads all of the non-expert weights (attention, dense layers,
+    shared experts, embeddings), 8 x what a TP8 device reads of them."""
+    m, hw = load_model_spec("deepseek-r1-fp8"), load_hardware_spec("h20")
+    tp8, dp8 = RooflineStepTime(m, hw, tp=8), RooflineStepTime(m, hw, tp=1, dp=8)
+    shape = BatchShape(num_seqs=64, prefill_tokens=0, prefill_attn_pairs=0, decode_seqs=64, decode_ctx_tokens=64 * 2000)
+    a, b = _terms(tp8, shape), _terms(dp8, shape)
+    assert b["linear"] == pytest.approx(a["linear"]) and b["attention"] == pytest.approx(a["attention"])
+    assert b["kv"] == pytest.approx(a["kv"] / 8)  # TP8 replicates the latent: every device reads all 64 contexts
+    bw = hw.hbm_bandwidth_gbps * 1e9
+    shared = m.num_moe_layers * m.shared_experts * m.expert_params() * m.bytes_per_weight
+    non_expert = m.weight_bytes_total() - m.num_moe_layers * m.num_experts * m.expert_params() * m.bytes_per_weight
+    routed = tp8._experts_touched(64) - m.shared_experts  # experts 64 tokens touch, 1/8 of each on a device
+    expected = (non_expert + shared + routed * m.num_moe_layers * m.expert_params() * m.bytes_per_weight / 8) / bw
+    assert b["weights"] == pytest.approx(expected)
+    assert b["weights"] > a["weights"]
+
+
+def test_dp_attention_pays_a_dispatch_and_a_combine_all_to_all_per_moe_layer_and_no_all_reduce():
+    """Per token of the instance: 2 all-to-alls per MoE layer of k hidden states (16-bit), (g-1)/g of
+    them to other devices, each device sending 1/g of the tokens; a latency per all-to-all.
+    TP1 ranks have no all-reduce."""
+    m, hw = load_model_spec("deepseek-r1-fp8"), load_hardware_spec("h20")
+    st = RooflineStepTime(m, hw, tp=1, dp=8)
+    shape = BatchShape(num_seqs=80, prefill_tokens=0, prefill_attn_pairs=0, decode_seqs=80, decode_ctx_tokens=80_000)
+    t = _terms(st, shape)
+    per_token = m.num_moe_layers * 2 * m.experts_per_token * m.hidden_size * 2 * (7 / 8) / (hw.interconnect_gbps * 1e9) / 8
+    assert t["comm"] == pytest.approx(80 * per_token)
+    assert t["latency"] == pytest.approx(m.num_moe_layers * 2 * hw.allreduce_latency_us * 1e-6)
+    both = _terms(RooflineStepTime(m, hw, tp=2, dp=4), shape)  # TP2 ranks all-reduce over their own 20 tokens
+    allreduce = m.num_layers * 2 * m.hidden_size * 2 * 2 * (1 / 2) / (hw.interconnect_gbps * 1e9) * 80 / 4
+    assert both["comm"] == pytest.approx(allreduce + 80 * per_token)
+    assert both["latency"] == pytest.approx((m.num_layers + m.num_moe_layers) * 2 * hw.allreduce_latency_us * 1e-6)
+
+
+def test_each_dp_rank_pads_its_share_of_the_batch_to_its_own_cuda_graph():
+    from sim.step_time import EngineFacts
+
+    m, hw = load_model_spec("deepseek-r1-fp8"), load_hardware_spec("h20")
+    st = RooflineStepTime(m, hw, tp=1, dp=4, facts=EngineFacts(graph_sizes=(1, 2, 4, 8)))
+    assert st._run_tokens(5, 0) == 8  # 5 decodes over 4 ranks: 2 on the busiest, every rank runs graph 2
+    assert st._run_tokens(13, 0) == 16  # 4 on the busiest: graph 4 on each rank
+    assert st._run_tokens(20, 0) == 32  # 5: graph 8
+    assert st._run_tokens(33, 0) == 33  # 9 is past the largest graph: eager
+    assert st._run_tokens(5, 5) == 5  # a prefill runs eager when only decodes have graphs
+    assert RooflineStepTime(m, hw, tp=4, facts=EngineFacts(graph_sizes=(1, 2, 4, 8)))._run_tokens(5, 0) == 8
+
+
+def test_dp_attention_needs_an_moe_model_and_the_roofline():
+    from sim.config import StepTimeConfig
+
+    with pytest.raises(ValueError, match="needs an MoE model"):
+        RooflineStepTime(load_model_spec("llama-2-7b"), load_hardware_spec("a100-80g"), tp=1, dp=2)
+    with pytest.raises(ValueError, match="dp = 2"):
+        StepTimeConfig(dp=2, per_decode_seq_s=0.001)
+    st = StepTimeConfig(model="deepseek-r1-fp8", hardware="h20", tp=1, dp=8).build()
+    assert st.dp == 8 and st.with_coeffs(st.coeffs).dp == 8
