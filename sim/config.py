@@ -190,7 +190,7 @@ class EngineConfig(_Strict):
             else:
                 sizes = [1, 2, 4] + list(range(8, 513, 8))
             sizes = [b for b in sizes if b <= top]
-        return EngineFacts(bool(self.async_scheduling), tuple(sizes), graph_mixed=True)
+        return EngineFacts(bool(self.async_scheduling), tuple(sizes), graph_mixed=True, unified_attention=True)
 
     @property
     def num_gpu_blocks(self) -> int:

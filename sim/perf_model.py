@@ -29,6 +29,11 @@ slow), 0.10-0.12 for the Triton kernels gpt-oss's sinks need there, and 0.11 for
 the 910B for both Qwen3 models. Unset, the attention runs at compute_efficiency (a fit frees it only
 when a training row's prompts are long enough to time it).
 
+A decode that shares its step with prompt tokens costs vLLM V1 on Ampere and Ada 64 query rows of
+attention FLOPs, not one (`_decode_rows_in_mixed_steps`: FlashAttention 2's split-KV tile). Without
+it, the A100 runs' mixed steps came out 8-16 % short on their 2,000- and 4,000-token prompts, whose
+decodes' contexts fill the KV pool, while their 32,000-token steps (few decodes) fitted.
+
 Sliding-window layers (gpt-oss) count at most `sliding_window` keys per query in the attention
 FLOPs and the KV reads. `allreduce_latency` is the hardware's small-message all-reduce time (a
 fact of the spec, not fitted): the floor that makes a deep model on a wide TP group pay per
@@ -403,10 +408,27 @@ class RooflineStepTime:
         )
         self._s_comm_latency = m.num_layers * 2 * hw.allreduce_latency_us * 1e-6 if tp > 1 else 0.0
         self._pad = self.facts.pad_table()
+        self._mixed_rows = self._decode_rows_in_mixed_steps()
         if self.dp > 1:
             self._dp_ep()
         self._pad_array = np.array(self._pad, dtype=float)
         self._overlap = self.facts.overlap
+
+    def _decode_rows_in_mixed_steps(self) -> float:
+        """The query rows a decode costs the attention's FLOPs in a step that also carries prompt
+        tokens. vLLM V1's FlashAttention backend sends the whole batch through one varlen call; on
+        Ampere and Ada that is FlashAttention 2, which with a paged KV cache always runs its split-KV
+        kernel, whose query tile is 64 rows for every head dimension. A decode's one query then
+        fills a 64-row tile per head, and the tile's MMAs run over the decode's whole context as
+        if 64 queries attended (the GQA packing that spares decode-only batches applies only when
+        every sequence has one query). Its KV bytes are unchanged. Elsewhere a decode is one row:
+        decode-only steps, V0 and SGLang (separate prefill and decode kernels), Triton attention
+        (models with sinks), MLA backends, and FlashAttention 3 on Hopper (not established:
+        left at 1)."""
+        m, hw = self.model, self.hardware
+        if self.facts.unified_attention and hw.arch in ("ampere", "ada") and not m.attention_sinks and not m.is_mla:
+            return 64.0
+        return 1.0
 
     def _dp_ep(self) -> None:
         """The per-device constants of an instance of `dp` attention ranks of `tp` devices with its
@@ -506,8 +528,9 @@ class RooflineStepTime:
     # scalar path, called once per simulated step
     def step_time(self, b: BatchShape) -> float:
         c = self.coeffs
-        attention = self._s_per_pair * (b.prefill_attn_pairs + b.decode_ctx_tokens)
-        kv = self._s_per_ctx_token * b.decode_ctx_tokens
+        ctx = b.decode_ctx_tokens
+        attention = self._s_per_pair * (b.prefill_attn_pairs + (ctx * self._mixed_rows if b.prefill_tokens else ctx))
+        kv = self._s_per_ctx_token * ctx
         if self._window:
             w = self._window
             reads = min(b.decode_ctx_tokens, w * b.decode_seqs)
@@ -531,7 +554,10 @@ class RooflineStepTime:
         run = self._run_tokens_v(tokens, f[:, PREFILL_TOKENS])
         linear = self._s_per_token_flop * run + self._s_per_seq_flop * f[:, SEQS]
         weights = self._s_static_mem + self._s_per_expert * self._experts_touched_each(tokens)
-        attention = self._s_per_pair * (f[:, PREFILL_PAIRS] + f[:, DECODE_CTX])
+        ctx = f[:, DECODE_CTX]
+        if self._mixed_rows != 1.0:
+            ctx = np.where(f[:, PREFILL_TOKENS] > 0, ctx * self._mixed_rows, ctx)
+        attention = self._s_per_pair * (f[:, PREFILL_PAIRS] + ctx)
         kv = self._s_per_ctx_token * f[:, DECODE_CTX]
         if self._window:
             pairs, reads = self._window_terms(f[:, PREFILL_PAIRS], f[:, PREFILL_TOKENS], f[:, DECODE_CTX], f[:, DECODE_SEQS])
@@ -558,7 +584,7 @@ class RooflineStepTime:
         of `ctx` (a run of decode steps). The batch-constant terms are computed as `step_time`
         computes them and only the context terms as arrays, in the same order: the same floats."""
         c = self.coeffs
-        attention = self._s_per_pair * (b.prefill_attn_pairs + ctx)
+        attention = self._s_per_pair * (b.prefill_attn_pairs + (ctx * self._mixed_rows if b.prefill_tokens else ctx))
         kv = self._s_per_ctx_token * ctx
         if self._window:
             pairs, reads = self._window_terms(b.prefill_attn_pairs, b.prefill_tokens, ctx, b.decode_seqs)
@@ -585,16 +611,17 @@ class RooflineStepTime:
             c.memory_efficiency, c.launch_overhead_s
         pairs, ctx, n, ends, t = b.prefill_attn_pairs, b.decode_ctx_tokens, b.num_seqs, [], now
         overlap, w = self._overlap, self._window
+        rows = self._mixed_rows if b.prefill_tokens else 1.0
         if w:
             s_wpair, s_wctx, wpairs, wcap = self._s_per_win_pair, self._s_per_win_ctx, \
                 min(pairs, w * b.prefill_tokens), w * b.decode_seqs
         for _ in range(steps):
             if w:  # step_time's sums, in its order
                 reads = ctx if ctx < wcap else wcap
-                att_c = (s_pair * (pairs + ctx) + s_wpair * (wpairs + reads)) / ae
+                att_c = (s_pair * (pairs + ctx * rows) + s_wpair * (wpairs + reads)) / ae
                 att_m = (s_ctx * ctx + s_wctx * reads) / me
             else:
-                att_c = s_pair * (pairs + ctx) / ae
+                att_c = s_pair * (pairs + ctx * rows) / ae
                 att_m = s_ctx * ctx / me
             t_gpu = lin + (att_c if att_c >= att_m else att_m) + comm
             if overlap:

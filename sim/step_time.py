@@ -60,16 +60,21 @@ class EngineFacts:
       otherwise only decode-only batches run in a graph (vLLM V0, SGLang).
     - `overlap`: vLLM V1's async scheduling or SGLang's overlap scheduler plans step N+1 while
       the GPU runs step N, so a step takes the longer of the CPU's and the GPU's parts, not
-      their sum."""
+      their sum.
+    - `unified_attention`: a mixed batch's prompt chunks and decodes go through one varlen
+      attention kernel (vLLM V1's FlashAttention backend), not a prefill and a decode kernel
+      (vLLM V0, SGLang's FlashInfer); what that costs depends on the kernel the GPU gets
+      (`RooflineStepTime`)."""
 
     overlap: bool = False
     graph_sizes: tuple[int, ...] = ()
     graph_mixed: bool = False
+    unified_attention: bool = False
 
     def __reduce__(self):
         # (a frozen class compiled by mypyc cannot be unpickled field by field; traces carry these
         # facts back from the fit's worker processes)
-        return (EngineFacts, (self.overlap, self.graph_sizes, self.graph_mixed))
+        return (EngineFacts, (self.overlap, self.graph_sizes, self.graph_mixed, self.unified_attention))
 
     def pad_table(self) -> list[int]:
         """pad[t]: the tokens a batch of t tokens computes, for t up to the largest graph."""

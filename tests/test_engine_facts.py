@@ -99,6 +99,7 @@ def test_overlap_hides_the_cpus_part_behind_the_gpus_step_instead_of_adding_it()
 
 
 @pytest.mark.parametrize("facts", [EngineFacts(overlap=True, graph_sizes=(1, 2, 4, 8, 16, 32), graph_mixed=True),
+                                   EngineFacts(graph_sizes=(1, 2, 4, 8, 16, 32), graph_mixed=True, unified_attention=True),
                                    EngineFacts(overlap=False, graph_sizes=(1, 2, 4, 8, 16, 32)),
                                    EngineFacts(overlap=True)])
 @pytest.mark.parametrize("model,tp", [("qwen2.5-72b-instruct-gptq-int4", 1), ("gpt-oss-120b", 2)])
@@ -121,6 +122,13 @@ def test_scalar_vectorised_and_decode_run_paths_give_the_same_floats(facts, mode
             t += st.step_time(BatchShape(s.num_seqs, 0, 0.0, s.decode_seqs, s.decode_ctx_tokens + s.num_seqs * j))
             step_by_step.append(t)
         assert ends == step_by_step and loop == step_by_step
+    mixed = shapes[-1]  # a run that carries a prompt chunk each step (its decodes' tile cost included)
+    t, step_by_step = 0.0, []
+    for j in range(80):
+        t += st.step_time(BatchShape(mixed.num_seqs, mixed.prefill_tokens, mixed.prefill_attn_pairs, mixed.decode_seqs,
+                                     mixed.decode_ctx_tokens + mixed.num_seqs * j))
+        step_by_step.append(t)
+    assert decode_run_ends(st, mixed, 80, 0.0) == step_by_step and st.decode_run_ends(mixed, 80, 0.0) == step_by_step
 
 
 def test_launch_commands_set_async_scheduling_and_sglang_overlap_flags():
@@ -130,3 +138,33 @@ def test_launch_commands_set_async_scheduling_and_sglang_overlap_flags():
                            "--cuda-graph-max-bs 256")
     assert s.settings["disable_overlap_schedule"] is True and s.settings["cuda_graph_max_bs"] == 256
     assert s.unmodelled == []
+
+
+def test_flash_attention_2_charges_a_decode_in_a_mixed_step_a_64_row_query_tile():
+    """vLLM V1 sends a mixed batch through one FlashAttention varlen call; on an A100 (FA2, paged
+    KV: the split-KV kernel, 64-row query tiles) each decode's one query costs a whole tile over its
+    context. Its KV bytes do not change, nor do decode-only steps (GQA-packed), V0 and SGLang
+    (separate kernels), models on Triton attention (sinks) or Hopper (FA3, not established)."""
+    v1 = EngineConfig(scheduler="vllm-v1", max_model_len=4096, num_gpu_blocks_override=100).step_facts()
+    v0 = EngineConfig(scheduler="vllm-v0", max_model_len=4096, num_gpu_blocks_override=100).step_facts()
+    assert v1.unified_attention and not v0.unified_attention
+    sg = EngineConfig(scheduler="sglang", context_length=4096, kv_cache_tokens=1000).step_facts()
+    assert not sg.unified_attention
+    q = load_model_spec("qwen3-14b")
+    mixed = BatchShape(num_seqs=11, prefill_tokens=1000, prefill_attn_pairs=500_000.0, decode_seqs=10,
+                       decode_ctx_tokens=40_000)
+    decode_only = BatchShape(num_seqs=10, decode_seqs=10, decode_ctx_tokens=40_000)
+
+    def terms(st, b):
+        _, _, attention, kv, *_ = st.step_terms(features([b]))
+        return attention[0], kv[0]
+
+    a100 = RooflineStepTime(q, load_hardware_spec("a100-80g"), facts=v1)
+    assert terms(a100, mixed)[0] == pytest.approx(a100._s_per_pair * (500_000 + 64 * 40_000))
+    assert terms(RooflineStepTime(q, load_hardware_spec("a100-80g"), facts=v0), mixed)[0] == \
+        pytest.approx(a100._s_per_pair * (500_000 + 40_000))
+    for model, hw in (("qwen3-14b", "h100-80g"), ("gpt-oss-20b", "a100-80g")):  # FA3; Triton (sinks)
+        m, h = load_model_spec(model), load_hardware_spec(hw)
+        assert terms(RooflineStepTime(m, h, facts=v1), mixed) == terms(RooflineStepTime(m, h, facts=v0), mixed), model
+    assert terms(a100, mixed)[1] == terms(RooflineStepTime(q, load_hardware_spec("a100-80g"), facts=v0), mixed)[1]
+    assert a100.step_time(decode_only) == RooflineStepTime(q, load_hardware_spec("a100-80g"), facts=v0).step_time(decode_only)
