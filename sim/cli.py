@@ -328,6 +328,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 1 if (df.verdict == "WORSE").any() else 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import serve
+    except ImportError as exc:  # the server's packages are an optional extra
+        raise ScenarioError(f"servesim serve needs the server's packages: pip install -e '.[serve]' ({exc})") from None
+    sc = load_scenario(args.scenario, _overrides(args))
+    name = args.served_model_name or (sc.step_time.model or sc.step_time.profile or sc.name)
+    print(f"Serving {sc.name} as {name!r} on http://{args.host}:{args.port} (simulated time x{args.time_scale:g}); "
+          "Ctrl-C stops", flush=True)
+    serve(sc, args.host, args.port, args.time_scale, name)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="servesim",
@@ -487,6 +500,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seconds", type=float, help="PNG: draw only the first this many simulated seconds")
     t.add_argument("--requests", type=int, default=40, help="PNG: at most this many request rows (default 40)")
     t.set_defaults(func=_cmd_timeline)
+
+    s = sub.add_parser(
+        "serve",
+        help="serve a scenario's simulated engine as an OpenAI-compatible HTTP endpoint",
+        description="Serve the scenario's deployment behind vLLM's OpenAI API (/v1/completions, "
+                    "/v1/chat/completions, /v1/models, /health, /metrics): each request enters the simulated "
+                    "engine when it arrives and each token is released when the engine emits it, on a clock "
+                    "that follows wall time (sped up by --time-scale). The scenario's workload is not used.",
+    )
+    s.add_argument("scenario", help="scenario TOML file (its engine, deployment and step time)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--time-scale", type=float, default=1.0, metavar="S",
+                   help="simulated seconds per wall second (default 1: real time)")
+    s.add_argument("--served-model-name", help="the model name /v1/models lists (default: the scenario's model)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key (repeatable)")
+    s.add_argument("--seed", type=int, help="seed (routing, speculative acceptance)")
+    s.set_defaults(func=_cmd_serve)
     return p
 
 
