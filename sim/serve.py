@@ -73,6 +73,7 @@ class LiveSim:
         self._finished: list[Stream] = []
         self._wake = asyncio.Event()
         self.metrics = LiveMetrics()
+        self.on_request_done = None  # called with each request that ends (benchmarks, tests)
         self.num_aborted = 0  # requests whose client went away before their last token
         self.max_lag_s = 0.0  # the most the simulation fell behind the clock after an advance (simulated s)
 
@@ -151,6 +152,8 @@ class LiveSim:
         self._wake.set()
 
     def _on_done(self, req: Request) -> None:
+        if self.on_request_done is not None:
+            self.on_request_done(req)
         s = self.streams.get(req.rid)
         if s is not None:
             self._finished.append(s)
@@ -395,8 +398,17 @@ def _sse(obj: dict) -> str:
 
 
 def serve(sc, host: str, port: int, time_scale: float, model_name: str) -> None:
-    """Run the server until SIGINT or SIGTERM (uvicorn ends it cleanly on either)."""
+    """Run the server until SIGINT or SIGTERM, then shut down cleanly and return."""
+    import signal
+
     import uvicorn
 
     live = LiveSim(sc, time_scale)
+    # uvicorn stops gracefully on either signal, then hands it on to the handler that was there
+    # before it; a handler that does nothing lets the command end with status 0 instead of dying
+    # of the signal it already handled
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(build_app(live, model_name), host=host, port=port, log_level="warning")
+    print(f"servesim serve: stopped (the simulation fell behind the clock by at most "
+          f"{live.max_lag_s * 1000:.1f} simulated ms)")

@@ -152,3 +152,35 @@ def test_metrics_use_vllms_names():
                  "vllm:num_preemptions_total", "vllm:prefix_cache_hits_total"):
         assert name in text, name
     assert "vllm:generation_tokens_total 4.0" in text and "vllm:prompt_tokens_total 4.0" in text
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_the_server_process_shuts_down_cleanly_on_a_signal(tmp_path, sig):
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "serve", "scenarios/seed004/enable-512.toml",
+                             "--port", str(port), "--time-scale", "5"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.1)
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
