@@ -311,6 +311,8 @@ def build_app(live: LiveSim, model_name: str):
                 raise BadRequest("max_tokens must be an integer")
         except (BadRequest, ValueError) as exc:
             return JSONResponse(error_body(str(exc)), status_code=400)
+        if body.get("model") not in (None, model_name):  # vLLM answers a model it does not serve with 404
+            return JSONResponse(error_body(f"The model `{body['model']}` does not exist.", 404), status_code=404)
         max_tokens, refused = live.front_door(prompt_len, asked)
         if refused:
             return JSONResponse(error_body(refused), status_code=400)

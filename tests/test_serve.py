@@ -98,6 +98,8 @@ def test_a_prompt_over_max_model_len_gets_vllms_400_and_never_reaches_the_engine
         assert err["object"] == "error" and err["code"] == 400 and err["type"] == "BadRequestError"
         assert "maximum context length is 1024 tokens" in err["message"]
         assert client.post("/v1/completions", json={"prompt": {"a": 1}}).status_code == 400
+        other = client.post("/v1/completions", json={"model": "other", "prompt": [1], "max_tokens": 1})
+        assert other.status_code == 404 and other.json()["type"] == "NotFoundError"
         assert client.post("/v1/completions", json={"prompt": [1], "max_tokens": "x"}).status_code == 400
         assert live._rid == 0
 
