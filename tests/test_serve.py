@@ -19,18 +19,23 @@ from sim.serve import CHARS_PER_TOKEN, LiveSim, build_app  # noqa: E402
 STEP_S = 0.05  # every step of the test engine takes 50 simulated ms (the linear step model)
 
 
-def scenario(**engine):
-    return scenario_from_dict({
+def scenario(deployment: dict | None = None, **engine):
+    data = {
         "engine": {"scheduler": "vllm-v1", "max_model_len": 1024, "num_gpu_blocks_override": 64,
                    "max_num_batched_tokens": 512, "max_num_seqs": 8, **engine},
         "step_time": {"step_overhead_s": STEP_S},
         "workload": {"dataset_name": "random", "num_prompts": 1, "random_input_len": 8, "random_output_len": 4},
-    })
+    }
+    if deployment:
+        data["deployment"] = deployment
+        if deployment.get("mode") == "pd":
+            data["kv_transfer"] = {"latency_s": 0.001, "bandwidth_gbps": 10.0, "bytes_per_token": 1000.0}
+    return scenario_from_dict(data)
 
 
 @contextlib.contextmanager
-def running(time_scale: float = 1.0, **engine):
-    live = LiveSim(scenario(**engine), time_scale)
+def running(time_scale: float = 1.0, deployment: dict | None = None, **engine):
+    live = LiveSim(scenario(deployment, **engine), time_scale)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -186,3 +191,13 @@ def test_the_server_process_shuts_down_cleanly_on_a_signal(tmp_path, sig):
             proc.kill()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("deployment", [{"instances": 2, "router": "round_robin"},
+                                        {"mode": "pd", "prefill_instances": 1, "decode_instances": 1}])
+def test_the_scenarios_router_places_requests_on_dp_and_pd_deployments(deployment):
+    with running(time_scale=20, deployment=deployment) as (live, client):
+        for _ in range(2):
+            r = client.post("/v1/completions", json={"prompt": [1] * 20, "max_tokens": 3})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert all(eng.num_steps > 0 for eng in live.dep.engines)  # both instances (or P and D) ran
