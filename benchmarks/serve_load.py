@@ -19,7 +19,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from sim.serve import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,19 +69,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     args = ap.parse_args()
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     # the server in a process of its own (as a user runs it), the client here: two cores, two processes
     server = subprocess.Popen([sys.executable, "-m", "sim.cli", "serve", str(ROOT / args.scenario), "--port", str(port),
                                "--time-scale", str(args.time_scale)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
+    wait_until_up(url, alive=lambda: server.poll() is None)
     t0 = time.monotonic()
     seen = asyncio.run(drive(url, args.streams, args.prompt_len, args.max_tokens))
     wall = time.monotonic() - t0

@@ -7,7 +7,9 @@ time. A client sends 120 streaming completions (ShareGPT-like: 100-1,000-token p
 output tokens, drawn with a fixed seed) as a Poisson process at 2 requests per simulated second,
 which is more than the engine serves, so a queue builds. Meanwhile the script scrapes /metrics
 every simulated second, as Prometheus would, and records the panels a vLLM dashboard shows:
-running and waiting requests, KV-cache usage, and the generation-token rate.
+running and waiting requests, KV-cache usage, and the generation-token rate. It is a live run: the
+client's arrivals are wall-clock sleeps and the server follows the wall clock, so the figures move a
+little from run to run with the machine's load.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import csv
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from sim.serve import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results"
@@ -78,20 +81,13 @@ async def main_async(url: str) -> list:
 
 
 def main() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "sim.cli", "serve", "scenarios/seed004/enable-512.toml",
                                "--port", str(port), "--time-scale", str(SCALE)], cwd=ROOT, stdout=subprocess.PIPE,
                               text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until_up(url, alive=lambda: server.poll() is None)
         rows = asyncio.run(main_async(url))
     finally:
         server.send_signal(signal.SIGINT)

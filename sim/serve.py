@@ -399,6 +399,35 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (for tests, benchmarks and examples on localhost)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_up(url: str, timeout_s: float = 30.0, alive=lambda: True) -> None:
+    """Poll `url`/health until the server answers 200; `alive()` false means it died first."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if not alive():
+            raise RuntimeError(f"the server at {url} exited before it answered")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server at {url} did not answer /health within {timeout_s:g} s")
+        time.sleep(0.1)
+
+
 def serve(sc, host: str, port: int, time_scale: float, model_name: str) -> None:
     """Run the server until SIGINT or SIGTERM, then shut down cleanly and return."""
     import signal

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import threading
 import time
 
@@ -14,7 +13,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from sim.config import scenario_from_dict  # noqa: E402
-from sim.serve import CHARS_PER_TOKEN, LiveSim, build_app  # noqa: E402
+from sim.serve import CHARS_PER_TOKEN, LiveSim, build_app, free_port, wait_until_up  # noqa: E402
 
 STEP_S = 0.05  # every step of the test engine takes 50 simulated ms (the linear step model)
 
@@ -36,9 +35,7 @@ def scenario(deployment: dict | None = None, **engine):
 @contextlib.contextmanager
 def running(time_scale: float = 1.0, deployment: dict | None = None, **engine):
     live = LiveSim(scenario(deployment, **engine), time_scale)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(live, "sim-model"), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -167,23 +164,12 @@ def test_the_server_process_shuts_down_cleanly_on_a_signal(tmp_path, sig):
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "serve", "scenarios/seed004/enable-512.toml",
                              "--port", str(port), "--time-scale", "5"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.1)
+        wait_until_up(f"http://127.0.0.1:{port}", alive=lambda: proc.poll() is None)
         proc.send_signal(getattr(signal, sig))
         out, err = proc.communicate(timeout=20)
     finally:
