@@ -337,7 +337,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or (sc.step_time.model or sc.step_time.profile or sc.name)
     print(f"Serving {sc.name} as {name!r} on http://{args.host}:{args.port} (simulated time x{args.time_scale:g}); "
           "Ctrl-C stops", flush=True)
-    serve(sc, args.host, args.port, args.time_scale, name)
+    serve(sc, args.host, args.port, args.time_scale, name, args.tokenizer)
     return 0
 
 
@@ -515,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-scale", type=float, default=1.0, metavar="S",
                    help="simulated seconds per wall second (default 1: real time)")
     s.add_argument("--served-model-name", help="the model name /v1/models lists (default: the scenario's model)")
+    s.add_argument("--tokenizer", metavar="PATH",
+                   help="count text prompts with this Hugging Face tokenizer (tokenizer.json, or a directory "
+                        "holding one); default: one token per 4 characters")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key (repeatable)")
     s.add_argument("--seed", type=int, help="seed (routing, speculative acceptance)")
     s.set_defaults(func=_cmd_serve)

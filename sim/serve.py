@@ -15,8 +15,9 @@ server-sent events in vLLM's chunk format, with a usage chunk last when
 max_tokens over `max_model_len`) gets HTTP 400 with the OpenAI error body, as vLLM answers it.
 
 Lengths: the prompt's is the length of `prompt` when it is a list of token ids (or
-`prompt_token_ids`), otherwise an estimate without a tokenizer, one token per `CHARS_PER_TOKEN`
-characters of the prompt (of every message's content, for chat). The output's is `max_tokens`
+`prompt_token_ids`); for text, its token count under `--tokenizer` (a Hugging Face
+`tokenizer.json`, the same one a benchmark client counts with), or without one an estimate, one
+token per `CHARS_PER_TOKEN` characters (of every message's content, for chat; no chat template). The output's is `max_tokens`
 (vLLM's default when absent: what is left of `max_model_len`); the simulated model has no EOS, so
 every stream ends with finish_reason "length", as with `ignore_eos`.
 """
@@ -214,11 +215,33 @@ class LiveMetrics:
 
 
 # --- HTTP ----------------------------------------------------------------------------------
-def prompt_length(body: dict, chat: bool) -> int:
-    """Tokens in the request's prompt: given as ids, or estimated from its characters."""
+def count_by_characters(text: str) -> int:
+    """The tokenizer-free estimate: one token per `CHARS_PER_TOKEN` characters."""
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def load_tokenizer(path: str):
+    """A Hugging Face tokenizer (`tokenizer.json`, or a directory holding one) as a token counter."""
+    from pathlib import Path
+
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ValueError("--tokenizer needs the tokenizers package: pip install -e '.[serve]'") from None
+    p = Path(path)
+    file = p / "tokenizer.json" if p.is_dir() else p
+    if not file.is_file():
+        raise ValueError(f"--tokenizer {path}: no tokenizer.json there")
+    tok = Tokenizer.from_file(str(file))
+    return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
+
+
+def prompt_length(body: dict, chat: bool, count=count_by_characters) -> int:
+    """Tokens in the request's prompt: given as ids, or counted from its text (by `count`: a
+    tokenizer, or the characters)."""
     if chat:
         text = "".join(_content(m.get("content")) for m in body.get("messages") or [] if isinstance(m, dict))
-        return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
+        return max(1, count(text))
     ids = body.get("prompt_token_ids")
     prompt = body.get("prompt", ids)
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
@@ -226,7 +249,7 @@ def prompt_length(body: dict, chat: bool) -> int:
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         return len(prompt)
     if isinstance(prompt, str):
-        return max(1, math.ceil(len(prompt) / CHARS_PER_TOKEN)) if prompt else 0
+        return max(1, count(prompt)) if prompt else 0
     raise BadRequest("prompt must be a string or a list of token ids")
 
 
@@ -251,8 +274,8 @@ def error_body(message: str, code: int = 400) -> dict:
 TOKEN_TEXT = " tok"  # what each simulated token reads as
 
 
-def build_app(live: LiveSim, model_name: str):
-    """The Starlette application serving `live`."""
+def build_app(live: LiveSim, model_name: str, count=count_by_characters):
+    """The Starlette application serving `live`; `count` turns a text prompt into its tokens."""
     from starlette.applications import Starlette
     from starlette.requests import Request as HTTPRequest
     from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -305,7 +328,7 @@ def build_app(live: LiveSim, model_name: str):
             body = await request.json()
             if not isinstance(body, dict):
                 raise BadRequest("the request body must be a JSON object")
-            prompt_len = prompt_length(body, chat)
+            prompt_len = prompt_length(body, chat, count)
             asked = body.get("max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens")
             if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool)):
                 raise BadRequest("max_tokens must be an integer")
@@ -428,18 +451,19 @@ def wait_until_up(url: str, timeout_s: float = 30.0, alive=lambda: True) -> None
         time.sleep(0.1)
 
 
-def serve(sc, host: str, port: int, time_scale: float, model_name: str) -> None:
+def serve(sc, host: str, port: int, time_scale: float, model_name: str, tokenizer: str | None = None) -> None:
     """Run the server until SIGINT or SIGTERM, then shut down cleanly and return."""
     import signal
 
     import uvicorn
 
+    count = load_tokenizer(tokenizer) if tokenizer else count_by_characters
     live = LiveSim(sc, time_scale)
     # uvicorn stops gracefully on either signal, then hands it on to the handler that was there
     # before it; a handler that does nothing lets the command end with status 0 instead of dying
     # of the signal it already handled
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(build_app(live, model_name), host=host, port=port, log_level="warning")
+    uvicorn.run(build_app(live, model_name, count), host=host, port=port, log_level="warning")
     print(f"servesim serve: stopped (the simulation fell behind the clock by at most "
           f"{live.max_lag_s * 1000:.1f} simulated ms)")

@@ -13,7 +13,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from sim.config import scenario_from_dict  # noqa: E402
-from sim.serve import CHARS_PER_TOKEN, LiveSim, build_app, free_port, wait_until_up  # noqa: E402
+from sim.serve import CHARS_PER_TOKEN, LiveSim, build_app, free_port, load_tokenizer, wait_until_up  # noqa: E402
 
 STEP_S = 0.05  # every step of the test engine takes 50 simulated ms (the linear step model)
 
@@ -33,10 +33,11 @@ def scenario(deployment: dict | None = None, **engine):
 
 
 @contextlib.contextmanager
-def running(time_scale: float = 1.0, deployment: dict | None = None, **engine):
+def running(time_scale: float = 1.0, deployment: dict | None = None, count=None, **engine):
     live = LiveSim(scenario(deployment, **engine), time_scale)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(live, "sim-model"), host="127.0.0.1", port=port,
+    app = build_app(live, "sim-model", count) if count else build_app(live, "sim-model")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -187,3 +188,24 @@ def test_the_scenarios_router_places_requests_on_dp_and_pd_deployments(deploymen
             r = client.post("/v1/completions", json={"prompt": [1] * 20, "max_tokens": 3})
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         assert all(eng.num_steps > 0 for eng in live.dep.engines)  # both instances (or P and D) ran
+
+
+def test_a_tokenizer_counts_text_prompts_as_the_client_does(tmp_path):
+    """With --tokenizer the server counts a text prompt with the same tokenizer.json a benchmark
+    client counts with (here a word-level one: one token per word), not by its characters."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(["alpha", "beta", "gamma"])}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    count = load_tokenizer(str(tmp_path))
+    text = "alpha beta gamma delta " * 5  # 20 words, 115 characters
+    assert count(text) == 20
+    with running(time_scale=20, count=count) as (_, client):
+        r = client.post("/v1/completions", json={"prompt": text, "max_tokens": 2})
+        assert r.json()["usage"]["prompt_tokens"] == 20
+    with running(time_scale=20) as (_, client):  # without one: 115 characters / 4
+        r = client.post("/v1/completions", json={"prompt": text, "max_tokens": 2})
+        assert r.json()["usage"]["prompt_tokens"] == 29
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        load_tokenizer(str(tmp_path / "missing"))
