@@ -386,18 +386,22 @@ class RooflineStepTime:
         peak = hw.peak_flops(m.compute_dtype)
         bw = hw.hbm_bandwidth_gbps * 1e9
         # ideal seconds per unit, per device
-        self._s_per_token_flop = 2.0 * m.layer_params_active() / tp / peak
-        self._s_per_seq_flop = 2.0 * m.hidden_size * m.vocab_size / tp / peak
+        # per device: FLOPs divide over all g devices (with DP attention, 1/dp of the tokens through
+        # 1/tp of the weights; see `_dp_ep`), a rank's KV is its own sequences'
+        dp = self.dp
+        g = tp * dp
+        self._s_per_token_flop = 2.0 * m.layer_params_active() / g / peak
+        self._s_per_seq_flop = 2.0 * m.hidden_size * m.vocab_size / g / peak
         # attention: layers that see the whole context, and sliding-window layers that see at most
         # `window` tokens per query (their pairs and KV reads: min(the batch's, window x tokens))
         full, win = 1.0 - m.window_fraction, m.window_fraction
         self._window = m.sliding_window if win else 0
-        self._s_per_pair = m.attention_flops_per_pair() * full / tp / peak
-        self._s_per_win_pair = m.attention_flops_per_pair() * win / tp / peak
+        self._s_per_pair = m.attention_flops_per_pair() * full / g / peak
+        self._s_per_win_pair = m.attention_flops_per_pair() * win / g / peak
         self._s_static_mem = (m.weight_bytes_total() - self._expert_bytes_all()) / tp / bw
-        self._s_per_expert = m.num_moe_layers * m.expert_params() * m.bytes_per_weight / tp / bw
-        self._s_per_ctx_token = m.kv_bytes_per_token(tp) * full / bw
-        self._s_per_win_ctx = m.kv_bytes_per_token(tp) * win / bw
+        self._s_per_expert = m.num_moe_layers * m.expert_params() * m.bytes_per_weight / g / bw
+        self._s_per_ctx_token = m.kv_bytes_per_token(tp) / dp * full / bw
+        self._s_per_win_ctx = m.kv_bytes_per_token(tp) / dp * win / bw
         link = hw.interconnect_gbps * 1e9
         if tp > 1 and link <= 0:
             raise ValueError(f"hardware {hw.name}: tp={tp} needs interconnect_gbps")
@@ -431,7 +435,7 @@ class RooflineStepTime:
         return 1.0
 
     def _dp_ep(self) -> None:
-        """The per-device constants of an instance of `dp` attention ranks of `tp` devices with its
+        """What changes from TP when the instance is of `dp` attention ranks of `tp` devices with its
         routed experts over all g = tp x dp devices, its batch spread evenly over the ranks. Per
         token of the instance's batch, each device computes 1/g of the FLOPs (1/dp of the tokens
         through 1/tp of the dense weights; all tokens' top-k experts through 1/g of them) and reads
@@ -441,21 +445,13 @@ class RooflineStepTime:
         Communication: the TP all-reduces over a rank's own tokens, and per MoE layer a dispatch and
         a combine all-to-all, each device sending 1/g of the tokens (a rank's TP devices split
         its tokens) with a token's hidden state (16-bit) to its top-k experts, (g-1)/g elsewhere; each all-to-all pays the link's small-message latency (the
-        all-reduce's figure from the spec, an estimate). A rank's batch runs in its own CUDA graph."""
+        all-reduce's figure from the spec, an estimate). A rank's batch runs in its own CUDA graph.
+        (The FLOP, KV and routed-expert constants already divide by g and dp in `__post_init__`.)"""
         m, hw, tp, dp = self.model, self.hardware, self.tp, self.dp
         g = tp * dp
-        peak = hw.peak_flops(m.compute_dtype)
         bw = hw.hbm_bandwidth_gbps * 1e9
-        self._s_per_token_flop = 2.0 * m.layer_params_active() / g / peak
-        self._s_per_seq_flop = 2.0 * m.hidden_size * m.vocab_size / g / peak
-        full, win = 1.0 - m.window_fraction, m.window_fraction
-        self._s_per_pair = m.attention_flops_per_pair() * full / g / peak
-        self._s_per_win_pair = m.attention_flops_per_pair() * win / g / peak
-        self._s_per_ctx_token = m.kv_bytes_per_token(tp) / dp * full / bw
-        self._s_per_win_ctx = m.kv_bytes_per_token(tp) / dp * win / bw
         # `_experts_touched` counts the shared experts too; they are read whole within a rank's TP
         shared = m.num_moe_layers * m.shared_experts * m.expert_params() * m.bytes_per_weight
-        self._s_per_expert = m.num_moe_layers * m.expert_params() * m.bytes_per_weight / g / bw
         self._s_static_mem = ((m.weight_bytes_total() - self._expert_bytes_all()) / tp + shared / tp - shared / g) / bw
         link = hw.interconnect_gbps * 1e9
         if link <= 0:

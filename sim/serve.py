@@ -301,18 +301,16 @@ def build_app(live: LiveSim, model_name: str, count=count_by_characters):
 
         class State:
             def collect(self):
-                for name, doc, value in (("vllm:num_requests_running", "Requests in model execution batches.", st["running"]),
-                                         ("vllm:num_requests_waiting", "Requests waiting to be processed.", st["waiting"]),
-                                         ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", st["kv_usage"])):
-                    g = GaugeMetricFamily(name, doc, labels=list(model))
-                    g.add_metric(list(model.values()), value)
-                    yield g
-                for name, doc, value in (("vllm:num_preemptions", "Cumulative number of preemptions.", st["preemptions"]),
-                                         ("vllm:prefix_cache_queries", "Prefix cache queries, in tokens.", st["prefix_queries"]),
-                                         ("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", st["prefix_hits"])):
-                    c = CounterMetricFamily(name, doc, labels=list(model))
-                    c.add_metric(list(model.values()), value)
-                    yield c
+                for family, name, doc, value in (
+                        (GaugeMetricFamily, "vllm:num_requests_running", "Requests in model execution batches.", st["running"]),
+                        (GaugeMetricFamily, "vllm:num_requests_waiting", "Requests waiting to be processed.", st["waiting"]),
+                        (GaugeMetricFamily, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", st["kv_usage"]),
+                        (CounterMetricFamily, "vllm:num_preemptions", "Cumulative number of preemptions.", st["preemptions"]),
+                        (CounterMetricFamily, "vllm:prefix_cache_queries", "Prefix cache queries, in tokens.", st["prefix_queries"]),
+                        (CounterMetricFamily, "vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", st["prefix_hits"])):
+                    metric = family(name, doc, labels=list(model))
+                    metric.add_metric(list(model.values()), value)
+                    yield metric
 
         text = generate_latest(live.metrics.registry).decode() + _render(State())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")

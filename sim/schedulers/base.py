@@ -111,12 +111,12 @@ class Scheduler:
     def release_finished(self, finished: list[Request]) -> None:
         """Called by the engine after a step: finished requests leave and free their KV, or with
         `late_release` leave `running` but keep their slot and KV through the next step."""
-        if self.late_release:
-            for req in finished:
-                if not req.hold_kv:  # (a PD prefill job keeps its KV until the transfer anyway)
-                    self.lingering.append(req)
         for req in finished:
-            if not req.hold_kv and not self.late_release:
+            if req.hold_kv:  # a PD prefill job keeps its KV until the transfer
+                continue
+            if self.late_release:
+                self.lingering.append(req)
+            else:
                 self.kv.free(req)
         if len(finished) < 8:
             for req in finished:  # remove() compares by identity, in C
