@@ -10,7 +10,8 @@ second, `duration_s` in seconds). Sources read:
   `profile_export_aiperf.json` (`load_aiperf_summary`);
 - per-request results, any format `sim.traces` reads (servesim's or a tidy CSV, vLLM
   `--save-detailed`, inference-perf's per-request records, AIPerf's `profile_export.jsonl`):
-  one row per load stage, which replays its own requests (`load_per_request`).
+  one row per load stage, which replays its own requests (`load_per_request`). A directory
+  of AIPerf artifact directories (one per run, as `--artifact-dir` writes them) is one table.
 
 `check_table` refuses what cannot be a measurement (a missing column, text where a
 number belongs, a negative latency, a tail below its median) naming the row and column.
@@ -226,11 +227,13 @@ def load_per_request(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     except TraceError as exc:
         raise TableError(str(exc)) from None
     staged = req["stage"].nunique() > 1
+    # AIPerf names every run's records profile_export.jsonl: its artifact directory names the run
+    name = path.parent.name if path.name == "profile_export.jsonl" and path.parent.name else path.stem
     rows = []
     for k, g in req.groupby("stage"):
         g = g.assign(arrival_s=g["arrival_s"] - g["arrival_s"].min())
         m = summarize(g)
-        rows.append({"run_id": f"{path.stem}-stage{k}" if staged else path.stem, "source": path.name,
+        rows.append({"run_id": f"{name}-stage{k}" if staged else name, "source": path.name,
                      "trace_path": str(path.resolve()), "trace_stage": int(k) if staged else np.nan, **m})
     return check_table(pd.DataFrame(rows), path.name), req
 
@@ -255,20 +258,25 @@ def load_table(path: str | Path) -> pd.DataFrame:
     """Any of the formats above, by file type; a directory loads every file in it."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".csv", ".json", ".jsonl"))
+        # an AIPerf artifact directory is one run: its per-request records are the run; its
+        # aggregates (profile_export_aiperf.*), inputs.json and bookkeeping are the same run again
+        if (path / "profile_export.jsonl").exists():
+            return load_table(path / "profile_export.jsonl")
+        # hidden files are tools' bookkeeping (AIPerf's .aiperf_results_ready.json), not results
+        files = sorted(p for p in path.iterdir() if p.suffix in (".csv", ".json", ".jsonl") and not p.name.startswith("."))
         # inference-perf writes the per-request records beside its summary and stage files: the
         # records are the run (one row per stage); the aggregate files are the same run again
         if any(p.name.endswith("per_request_lifecycle_metrics.json") for p in files):
             files = [p for p in files if not p.name.endswith("_lifecycle_metrics.json")
                      or p.name.endswith("per_request_lifecycle_metrics.json")]
-        # AIPerf writes profile_export.jsonl beside its aggregates (profile_export_aiperf.*)
-        if any(p.name == "profile_export.jsonl" for p in files):
-            files = [p for p in files if not p.name.startswith("profile_export_aiperf")]
         # a workload trace beside the results (AIPerf's --input-file) is not a measurement
         files = [p for p in files if not _is_mooncake(p)]
+        # AIPerf writes each run into an artifact directory of its own: a directory of them is
+        # one table, a row per run
+        files += sorted(p for p in path.iterdir() if p.is_dir() and (p / "profile_export.jsonl").exists())
         frames = [load_table(p) for p in files]
         if not frames:
-            raise TableError(f"{path}: no .csv, .json or .jsonl files")
+            raise TableError(f"{path}: no .csv, .json or .jsonl files, and no AIPerf artifact directories")
         return pd.concat(frames, ignore_index=True)
     if not path.exists():
         raise TableError(f"{path}: file not found")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,24 @@ def test_aiperf_records_give_the_numbers_of_its_aggregate(run):
     assert m["mean_e2e_ms"] == pytest.approx(agg["request_latency"]["avg"], rel=1e-9)
     row = load_table(CLIENTS / run / "profile_export_aiperf.json").iloc[0]
     assert row.mean_ttft_ms == pytest.approx(agg["time_to_first_token"]["avg"])
+
+
+def test_a_directory_of_aiperf_artifact_directories_is_a_table_of_their_runs(tmp_path):
+    """What `--artifact-dir` leaves, one directory per run, beside bookkeeping AIPerf writes
+    (a hidden ready flag, inputs.json, logs): one row per run, named by its directory, from its
+    per-request records."""
+    runs = ["aiperf-0.13.0-poisson", "aiperf-0.2.0-concurrency"]
+    for run in runs:
+        shutil.copytree(CLIENTS / run, tmp_path / run)
+        (tmp_path / run / ".aiperf_results_ready.json").write_text("{}")
+        (tmp_path / run / "inputs.json").write_text('{"data": []}')
+        (tmp_path / run / "logs").mkdir()
+    rows = load_table(tmp_path).set_index("run_id")
+    assert sorted(rows.index) == runs
+    for run in runs:
+        agg = json.loads((CLIENTS / run / "profile_export_aiperf.json").read_text())
+        assert rows.loc[run, "mean_ttft_ms"] == pytest.approx(agg["time_to_first_token"]["avg"], rel=1e-9)
+        assert rows.loc[run, "trace_path"] == str((tmp_path / run / "profile_export.jsonl").resolve())
 
 
 def test_aiperf_mooncake_run_keeps_the_schedule_and_the_failure():
