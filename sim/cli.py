@@ -532,6 +532,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ScenarioError, WorkloadError, SimulationStuck, ValueError) as exc:
         print(f"servesim: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if argv is None:  # the process's own command line: it ends next
+            # Python's exit walks every object left for a last garbage collection (~0.1 s after
+            # a 10,000-request run, a sixth of the process); frozen, they are only freed
+            import gc
+
+            gc.freeze()
 
 
 if __name__ == "__main__":  # pragma: no cover
