@@ -38,12 +38,12 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "aiperf_roundtrip.md"
 
-TRUE = {"step_overhead_s": 0.004, "per_seq_s": 2e-5, "launch_overhead_s": 0.002, "prefill_overhead_s": 0.003,
-        "frontend_latency_s": 0.012, "compute_efficiency": 0.55, "memory_efficiency": 0.8, "comm_efficiency": 0.6}
-ENGINE = {"scheduler": "vllm-v1", "version": "0.11.0", "gpu": "H100", "max_model_len": 8192,
-          "kv_cache_tokens": 450_000}
-MODEL, HARDWARE, TP = "llama-3.1-8b", "h100-80g", 1
-SERVED = "llama-3.1-8b"
+sys.path.insert(0, str(ROOT / "experiments"))
+from roundtrip import CASES, TRUE  # noqa: E402  (the round trip's known profile and its first case)
+
+ENGINE = CASES[0].engine()
+MODEL, HARDWARE, TP = CASES[0].model, CASES[0].hardware, CASES[0].tp
+SERVED = MODEL  # the model name the server answers to
 # Each run: its name (the artifact directory's), AIPerf's load flags, requests, and whether the fit
 # sees it. The fit sees the lightest and the heaviest closed loop; it predicts a closed loop in
 # between and an open loop (Poisson arrivals) it has no example of.

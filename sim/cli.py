@@ -400,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate",
         help="fit a step-time profile to measured benchmark results",
         description="Fit the roofline step-time model to measured rows: a tidy CSV, vLLM --save-result JSON "
-                    "files, sglang.bench_serving JSONL, or per-request results (a directory loads them all).",
+                    "files, sglang.bench_serving JSONL, inference-perf's or AIPerf's files, or per-request results "
+                    "(a directory loads them all, AIPerf artifact directories one row each).",
     )
     c.add_argument("--table", required=True, help="measured results: file or directory")
     c.add_argument("--rows", help="pandas query selecting the rows to fit, e.g. \"num_prompts <= 64\"")
