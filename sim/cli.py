@@ -337,7 +337,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or (sc.step_time.model or sc.step_time.profile or sc.name)
     print(f"Serving {sc.name} as {name!r} on http://{args.host}:{args.port} (simulated time x{args.time_scale:g}); "
           "Ctrl-C stops", flush=True)
-    serve(sc, args.host, args.port, args.time_scale, name, args.tokenizer)
+    serve(sc, args.host, args.port, args.time_scale, name, args.tokenizer, args.eos_lengths)
     return 0
 
 
@@ -519,8 +519,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", metavar="PATH",
                    help="count text prompts with this Hugging Face tokenizer (tokenizer.json, or a directory "
                         "holding one); default: one token per 4 characters")
+    s.add_argument("--eos-lengths", metavar="SOURCE",
+                   help="let the model stop at EOS: a request without ignore_eos ends at a reply length drawn "
+                        "from SOURCE (\"sharegpt\": the bundled ShareGPT completions, or a file of "
+                        "prompt_tokens,completion_tokens) or at max_tokens, whichever comes first; default: "
+                        "never, every reply runs to max_tokens")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key (repeatable)")
-    s.add_argument("--seed", type=int, help="seed (routing, speculative acceptance)")
+    s.add_argument("--seed", type=int, help="seed (routing, speculative acceptance, EOS lengths)")
     s.set_defaults(func=_cmd_serve)
     return p
 

@@ -18,8 +18,11 @@ Lengths: the prompt's is the length of `prompt` when it is a list of token ids (
 `prompt_token_ids`); for text, its token count under `--tokenizer` (a Hugging Face
 `tokenizer.json`, the same one a benchmark client counts with), or without one an estimate, one
 token per `CHARS_PER_TOKEN` characters (of every message's content, for chat; no chat template). The output's is `max_tokens`
-(vLLM's default when absent: what is left of `max_model_len`); the simulated model has no EOS, so
-every stream ends with finish_reason "length", as with `ignore_eos`.
+(vLLM's default when absent: what is left of `max_model_len`). By default the simulated model
+never emits EOS, so every stream ends with finish_reason "length", as with `ignore_eos`. With
+`eos_lengths` (`--eos-lengths sharegpt`, or a file of `completion_tokens`), a request that does not
+set `ignore_eos` stops where a reply of a length drawn from them would (finish_reason "stop"),
+or at `max_tokens` if that comes first; `ignore_eos: true` runs to `max_tokens`, as in vLLM.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import numpy as np
 import simpy
 
 from .deployment import Deployment
@@ -47,6 +51,7 @@ class Stream:
     """One request's token stream, from the simulation to its HTTP response."""
 
     req: Request
+    finish_reason: str = "length"  # "stop": the reply ended at its EOS before max_tokens
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     sent: int = 0  # tokens handed to the response so far
     last_s: float = math.nan  # simulated time of the last token handed over
@@ -55,10 +60,13 @@ class Stream:
 class LiveSim:
     """A scenario's deployment running on a simulated clock that follows wall time."""
 
-    def __init__(self, sc, time_scale: float = 1.0, clock=time.monotonic):
+    def __init__(self, sc, time_scale: float = 1.0, clock=time.monotonic, eos_lengths=None):
         if not time_scale > 0:
             raise ValueError(f"--time-scale must be > 0, got {time_scale}")
         self.sc = sc
+        # reply lengths at which the model emits EOS (None: never), drawn with the scenario's seed
+        self._eos = eos_lengths
+        self._eos_rng = np.random.default_rng(sc.workload.seed)
         self.time_scale = time_scale
         self.env = simpy.Environment()
         deployment = PDDeployment if sc.deployment.mode == "pd" else Deployment
@@ -128,12 +136,17 @@ class LiveSim:
         probe = Request(rid=-1, prompt_len=prompt_len, max_tokens=max_tokens, arrival_s=0.0)
         return max_tokens, front_door_error(probe, self.max_model_len, self._server)
 
-    def submit(self, prompt_len: int, max_tokens: int) -> Stream:
+    def submit(self, prompt_len: int, max_tokens: int, ignore_eos: bool = False) -> Stream:
         self.advance()  # the request arrives now, not at the last event
         self._rid += 1
         t = self.env.now
-        req = Request(rid=self._rid, prompt_len=prompt_len, max_tokens=max_tokens, arrival_s=t, start_s=t)
-        s = Stream(req)
+        out, reason = max_tokens, "length"
+        if self._eos is not None and not ignore_eos:
+            eos = max(1, int(self._eos[self._eos_rng.integers(len(self._eos))]))
+            if eos < max_tokens:  # the engine stops the request at its EOS
+                out, reason = eos, "stop"
+        req = Request(rid=self._rid, prompt_len=prompt_len, max_tokens=out, arrival_s=t, start_s=t)
+        s = Stream(req, reason)
         self.streams[req.rid] = s
         self.metrics.running_requests += 1
         self.dep.submit(req)
@@ -330,6 +343,9 @@ def build_app(live: LiveSim, model_name: str, count=count_by_characters):
             asked = body.get("max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens")
             if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool)):
                 raise BadRequest("max_tokens must be an integer")
+            ignore_eos = body.get("ignore_eos", False)
+            if not isinstance(ignore_eos, bool):
+                raise BadRequest("ignore_eos must be a boolean")
         except (BadRequest, ValueError) as exc:
             return JSONResponse(error_body(str(exc)), status_code=400)
         if body.get("model") not in (None, model_name):  # vLLM answers a model it does not serve with 404
@@ -337,7 +353,7 @@ def build_app(live: LiveSim, model_name: str, count=count_by_characters):
         max_tokens, refused = live.front_door(prompt_len, asked)
         if refused:
             return JSONResponse(error_body(refused), status_code=400)
-        stream = live.submit(prompt_len, max_tokens)
+        stream = live.submit(prompt_len, max_tokens, ignore_eos)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         usage_wanted = bool((body.get("stream_options") or {}).get("include_usage"))
         if body.get("stream"):
@@ -351,8 +367,8 @@ def build_app(live: LiveSim, model_name: str, count=count_by_characters):
             raise
         n = stream.sent
         text = TOKEN_TEXT * n
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
-                  if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": "length",
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": stream.finish_reason}
+                  if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": stream.finish_reason,
                                 "stop_reason": None})
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": model_name, "choices": [choice],
@@ -374,7 +390,7 @@ def build_app(live: LiveSim, model_name: str, count=count_by_characters):
                     break
                 sent += n
                 last = sent >= stream.req.max_tokens
-                reason = "length" if last else None
+                reason = stream.finish_reason if last else None
                 text = TOKEN_TEXT * n
                 choice = ({"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": reason}
                           if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": reason,
@@ -449,14 +465,26 @@ def wait_until_up(url: str, timeout_s: float = 30.0, alive=lambda: True) -> None
         time.sleep(0.1)
 
 
-def serve(sc, host: str, port: int, time_scale: float, model_name: str, tokenizer: str | None = None) -> None:
+def load_eos_lengths(source: str) -> np.ndarray:
+    """Reply lengths for `--eos-lengths`: "sharegpt" (the bundled ShareGPT completions) or a file
+    of them (`prompt_tokens,completion_tokens`, any format the sharegpt dataset reads)."""
+    from .workload import load_sharegpt_lengths
+
+    lengths = load_sharegpt_lengths(None if source == "sharegpt" else source)["completion_tokens"]
+    if not len(lengths):
+        raise ValueError(f"--eos-lengths {source}: no reply lengths in it")
+    return lengths
+
+
+def serve(sc, host: str, port: int, time_scale: float, model_name: str, tokenizer: str | None = None,
+          eos_lengths: str | None = None) -> None:
     """Run the server until SIGINT or SIGTERM, then shut down cleanly and return."""
     import signal
 
     import uvicorn
 
     count = load_tokenizer(tokenizer) if tokenizer else count_by_characters
-    live = LiveSim(sc, time_scale)
+    live = LiveSim(sc, time_scale, eos_lengths=load_eos_lengths(eos_lengths) if eos_lengths else None)
     # uvicorn stops gracefully on either signal, then hands it on to the handler that was there
     # before it; a handler that does nothing lets the command end with status 0 instead of dying
     # of the signal it already handled

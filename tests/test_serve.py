@@ -7,13 +7,15 @@ import json
 import threading
 import time
 
+import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from sim.config import scenario_from_dict  # noqa: E402
-from sim.serve import CHARS_PER_TOKEN, LiveSim, build_app, free_port, load_tokenizer, wait_until_up  # noqa: E402
+from sim.serve import (  # noqa: E402
+    CHARS_PER_TOKEN, LiveSim, build_app, free_port, load_eos_lengths, load_tokenizer, wait_until_up)
 
 STEP_S = 0.05  # every step of the test engine takes 50 simulated ms (the linear step model)
 
@@ -33,8 +35,8 @@ def scenario(deployment: dict | None = None, **engine):
 
 
 @contextlib.contextmanager
-def running(time_scale: float = 1.0, deployment: dict | None = None, count=None, **engine):
-    live = LiveSim(scenario(deployment, **engine), time_scale)
+def running(time_scale: float = 1.0, deployment: dict | None = None, count=None, eos=None, **engine):
+    live = LiveSim(scenario(deployment, **engine), time_scale, eos_lengths=eos)
     port = free_port()
     app = build_app(live, "sim-model", count) if count else build_app(live, "sim-model")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
@@ -105,6 +107,26 @@ def test_a_prompt_over_max_model_len_gets_vllms_400_and_never_reaches_the_engine
         assert other.status_code == 404 and other.json()["type"] == "NotFoundError"
         assert client.post("/v1/completions", json={"prompt": [1], "max_tokens": "x"}).status_code == 400
         assert live._rid == 0
+
+
+def test_with_eos_lengths_a_reply_stops_at_its_eos_unless_ignore_eos():
+    """vLLM stops a request at the model's EOS unless the request sets ignore_eos; the simulated
+    model's replies end at lengths drawn from `eos_lengths` (here 2 or 3 tokens)."""
+    with running(time_scale=50, eos=np.array([2, 3])) as (live, client):
+        r = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 8}).json()
+        assert r["usage"]["completion_tokens"] in (2, 3) and r["choices"][0]["finish_reason"] == "stop"
+        body = {"prompt": [1, 2, 3], "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}}
+        with client.stream("POST", "/v1/completions", json=body) as s:
+            *chunks, usage, done = sse(s.iter_lines())
+        assert usage["usage"]["completion_tokens"] in (2, 3) and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        r = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 8, "ignore_eos": True}).json()
+        assert r["usage"]["completion_tokens"] == 8 and r["choices"][0]["finish_reason"] == "length"
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                      "max_tokens": 1}).json()
+        assert r["usage"]["completion_tokens"] == 1 and r["choices"][0]["finish_reason"] == "length"
+        assert client.post("/v1/completions", json={"prompt": [1], "ignore_eos": "yes"}).status_code == 400
+        assert live.metrics.running_requests == 0
+    assert len(load_eos_lengths("sharegpt")) > 1000  # the bundled ShareGPT completions
 
 
 def test_models_health_and_the_default_max_tokens():
