@@ -330,14 +330,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .serve import serve
+        from .serve import load_eos_lengths, serve
     except ImportError as exc:  # the server's packages are an optional extra
         raise ScenarioError(f"servesim serve needs the server's packages: pip install -e '.[serve]' ({exc})") from None
     sc = load_scenario(args.scenario, _overrides(args))
+    eos = load_eos_lengths(args.eos_lengths) if args.eos_lengths else None
     name = args.served_model_name or (sc.step_time.model or sc.step_time.profile or sc.name)
     print(f"Serving {sc.name} as {name!r} on http://{args.host}:{args.port} (simulated time x{args.time_scale:g}); "
           "Ctrl-C stops", flush=True)
-    serve(sc, args.host, args.port, args.time_scale, name, args.tokenizer, args.eos_lengths)
+    serve(sc, args.host, args.port, args.time_scale, name, args.tokenizer, eos)
     return 0
 
 

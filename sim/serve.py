@@ -468,23 +468,26 @@ def wait_until_up(url: str, timeout_s: float = 30.0, alive=lambda: True) -> None
 def load_eos_lengths(source: str) -> np.ndarray:
     """Reply lengths for `--eos-lengths`: "sharegpt" (the bundled ShareGPT completions) or a file
     of them (`prompt_tokens,completion_tokens`, any format the sharegpt dataset reads)."""
-    from .workload import load_sharegpt_lengths
+    from .workload import WorkloadError, load_sharegpt_lengths
 
-    lengths = load_sharegpt_lengths(None if source == "sharegpt" else source)["completion_tokens"]
+    try:
+        lengths = load_sharegpt_lengths(None if source == "sharegpt" else source)["completion_tokens"]
+    except WorkloadError as exc:  # named for the workload's dataset_path: say which flag it was
+        raise ValueError(f"--eos-lengths: {str(exc).removeprefix('workload.dataset_path: ')}") from None
     if not len(lengths):
         raise ValueError(f"--eos-lengths {source}: no reply lengths in it")
     return lengths
 
 
 def serve(sc, host: str, port: int, time_scale: float, model_name: str, tokenizer: str | None = None,
-          eos_lengths: str | None = None) -> None:
+          eos_lengths: np.ndarray | None = None) -> None:
     """Run the server until SIGINT or SIGTERM, then shut down cleanly and return."""
     import signal
 
     import uvicorn
 
     count = load_tokenizer(tokenizer) if tokenizer else count_by_characters
-    live = LiveSim(sc, time_scale, eos_lengths=load_eos_lengths(eos_lengths) if eos_lengths else None)
+    live = LiveSim(sc, time_scale, eos_lengths=eos_lengths)
     # uvicorn stops gracefully on either signal, then hands it on to the handler that was there
     # before it; a handler that does nothing lets the command end with status 0 instead of dying
     # of the signal it already handled

@@ -127,6 +127,8 @@ def test_with_eos_lengths_a_reply_stops_at_its_eos_unless_ignore_eos():
         assert client.post("/v1/completions", json={"prompt": [1], "ignore_eos": "yes"}).status_code == 400
         assert live.metrics.running_requests == 0
     assert len(load_eos_lengths("sharegpt")) > 1000  # the bundled ShareGPT completions
+    with pytest.raises(ValueError, match="--eos-lengths: file not found"):
+        load_eos_lengths("no-such-file.csv")
 
 
 def test_models_health_and_the_default_max_tokens():
