@@ -223,7 +223,7 @@ class LiveMetrics:
         r = s.req
         if r.status is Status.FINISHED and not r.aborted:
             self.prompt_tokens.inc(r.prompt_len)
-            self.request_success.labels(finished_reason="length").inc()
+            self.request_success.labels(finished_reason=s.finish_reason).inc()
             self.e2e.observe(r.last_token_s - r.start_s)
 
 
