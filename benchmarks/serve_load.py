@@ -18,16 +18,13 @@ import json
 import os
 import platform
 import re
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from sim.serve import free_port, wait_until_up
+from sim.serve import server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,19 +66,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     args = ap.parse_args()
 
-    port = free_port()
     # the server in a process of its own (as a user runs it), the client here: two cores, two processes
-    server = subprocess.Popen([sys.executable, "-m", "sim.cli", "serve", str(ROOT / args.scenario), "--port", str(port),
-                               "--time-scale", str(args.time_scale)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    wait_until_up(url, alive=lambda: server.poll() is None)
-    t0 = time.monotonic()
-    seen = asyncio.run(drive(url, args.streams, args.prompt_len, args.max_tokens))
-    wall = time.monotonic() - t0
-    metrics = httpx.get(url + "/metrics", timeout=30).text
-    server.send_signal(signal.SIGINT)
-    out_text, _ = server.communicate(timeout=60)
-    lag = re.search(r"at most ([0-9.]+) simulated ms", out_text)
+    with server_process(ROOT / args.scenario, "--time-scale", str(args.time_scale), cwd=ROOT) as server:
+        url = server.url
+        t0 = time.monotonic()
+        seen = asyncio.run(drive(url, args.streams, args.prompt_len, args.max_tokens))
+        wall = time.monotonic() - t0
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+    lag = re.search(r"at most ([0-9.]+) simulated ms", server.output)
 
     scale = args.time_scale
     client_ttft = [s["ttft"] for s in seen]

@@ -77,26 +77,13 @@ def word_level_tokenizer(path: Path) -> Path:
 
 @contextlib.contextmanager
 def served(scenario: Path, tokenizer: Path, name: str | None = None):
-    """`servesim serve` on a free localhost port at time scale 1; yields its URL."""
-    from sim.serve import free_port, wait_until_up
+    """`servesim serve` at time scale 1 with the tokenizer AIPerf counts with; yields its address
+    as AIPerf's --url takes it (host:port)."""
+    from sim.serve import server_process
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "sim.cli", "serve", str(scenario), "--port", str(port), "--time-scale", "1",
-           "--tokenizer", str(tokenizer)] + (["--served-model-name", name] if name else [])
-    # its output goes to a file, not a pipe nobody reads until the end (a full pipe would stall it)
-    with tempfile.TemporaryFile("w+") as log:
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-        try:
-            wait_until_up(f"http://127.0.0.1:{port}", alive=lambda: server.poll() is None)
-            yield f"127.0.0.1:{port}"
-        except BaseException:
-            server.terminate()
-            server.wait(timeout=60)
-            log.seek(0)
-            print(log.read()[-3000:], file=sys.stderr)
-            raise
-        server.terminate()
-        server.wait(timeout=60)
+    args = ["--time-scale", "1", "--tokenizer", str(tokenizer)] + (["--served-model-name", name] if name else [])
+    with server_process(scenario, *args) as server:
+        yield server.url.removeprefix("http://")
 
 
 def run_aiperf(url: str, model: str, tokenizer: Path, artifacts: Path, load: list[str], *, requests: int,

@@ -18,15 +18,12 @@ import asyncio
 import csv
 import random
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from sim.serve import free_port, wait_until_up
+from sim.serve import server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results"
@@ -81,17 +78,8 @@ async def main_async(url: str) -> list:
 
 
 def main() -> None:
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "sim.cli", "serve", "scenarios/seed004/enable-512.toml",
-                               "--port", str(port), "--time-scale", str(SCALE)], cwd=ROOT, stdout=subprocess.PIPE,
-                              text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url, alive=lambda: server.poll() is None)
-        rows = asyncio.run(main_async(url))
-    finally:
-        server.send_signal(signal.SIGINT)
-        stopped, _ = server.communicate(timeout=60)
+    with server_process("scenarios/seed004/enable-512.toml", "--time-scale", str(SCALE), cwd=ROOT) as server:
+        rows = asyncio.run(main_async(server.url))
 
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "serve_dashboard.csv", "w", newline="") as f:
@@ -127,7 +115,7 @@ def main() -> None:
         f"{len(rows)} scrapes over {rows[-1]['t_s']:.0f} simulated s: at most {peak_wait:.0f} requests waiting, "
         f"KV usage up to {peak_kv:.1f} %, {sum(busy) / max(1, len(busy)):.0f} generated tokens per simulated "
         "second while busy. Series: `serve_dashboard.csv`, plot: `serve_dashboard.png`. "
-        f"Server: {stopped.strip().splitlines()[-1] if stopped.strip() else ''}\n")
+        f"Server: {server.output.strip().splitlines()[-1] if server.output.strip() else ''}\n")
     print((OUT / "serve_dashboard.md").read_text())
 
 

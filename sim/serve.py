@@ -465,6 +465,49 @@ def wait_until_up(url: str, timeout_s: float = 30.0, alive=lambda: True) -> None
         time.sleep(0.1)
 
 
+@dataclass
+class ServerProcess:
+    url: str  # http://127.0.0.1:PORT
+    output: str = ""  # what the server printed (stdout and stderr), once it has stopped
+
+
+@contextlib.contextmanager
+def server_process(scenario, *args: str, cwd=None):
+    """`servesim serve SCENARIO ARGS...` as a process of its own on a free localhost port (for
+    tests, benchmarks and examples): yields a `ServerProcess` once /health answers, and on leaving
+    stops it with SIGINT, as Ctrl-C would. Its output goes to a file, not a pipe nobody reads
+    until the end (a full pipe would stall the server); on an error its tail is printed."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "sim.cli", "serve", str(scenario), "--port", str(port), *args]
+    handle = ServerProcess(f"http://127.0.0.1:{port}")
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+        failed = False
+        try:
+            wait_until_up(handle.url, alive=lambda: proc.poll() is None)
+            yield handle
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.seek(0)
+            handle.output = log.read()
+            if failed:
+                print(handle.output[-3000:], file=sys.stderr)
+
+
 def load_eos_lengths(source: str) -> np.ndarray:
     """Reply lengths for `--eos-lengths`: "sharegpt" (the bundled ShareGPT completions) or a file
     of them (`prompt_tokens,completion_tokens`, any format the sharegpt dataset reads)."""
