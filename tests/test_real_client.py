@@ -64,18 +64,23 @@ def test_a_profile_calibrated_from_aiperfs_files_predicts_a_run_it_never_saw(tmp
     """AIPerf at concurrency 1 and 24 against a known profile; `servesim calibrate` on the two
     artifact directories; `servesim predict` of a concurrency-8 run it never saw, against
     AIPerf's own numbers. Measured over six fits (experiments/results/aiperf_roundtrip.md and a
-    second run of it, seeds 0-2 each): the held-out run's mean TTFT within -4.6..+2.1 %, its
-    TPOT, ITL, E2E and throughput within 0.9 %; the fitted runs' within 3.0 and 1.2 %.
-    TTFT carries the live HTTP and tokenising time, 2.3-8.5 ms and growing with load on a 2-core
-    machine shared with the client, of which a fitted constant takes the average: its bound is
-    8 %, the others' 3 %."""
+    second run of it, seeds 0-2 each): the held-out run's TPOT, ITL, E2E and throughput within
+    0.9 %, the fitted runs' within 1.2 %: their bound is 3 %.
+    TTFT carries the live HTTP, SSE and tokenising time, which the known profile's miss measures
+    in the same recording: 2.3-8.5 ms on this project's machine, up to 14 ms at concurrency 24,
+    and more on a busier one (a CI run put the fitted c1 5.4 ms, 14.5 %, above AIPerf). A fitted
+    constant takes its average, so a run's TTFT can miss by as much as the overhead varies: the
+    bound is that the fitted profile misses no run's mean TTFT by more than the largest overhead
+    the known profile shows in that recording, plus 2 ms."""
     pytest.importorskip("tokenizers")
     df = one(0, tmp_path, SMALL)["errors"]
     fitted = df[df.profile == "fitted"].set_index(["check", "row_id", "metric"]).error_pct
     assert set(fitted.index.get_level_values("row_id")) == {"c1", "c24", "c8"}
     assert len(fitted) == 3 * 5
-    ttft = fitted.xs("mean_ttft_ms", level="metric")
-    assert ttft.abs().max() <= 8, fitted.to_string()
+    ttft = df[df.metric == "mean_ttft_ms"].assign(miss_ms=lambda t: t.measured - t.predicted)
+    overhead_ms = ttft[ttft.profile == "known"].miss_ms.max()
+    assert 0 < overhead_ms < 50, ttft.to_string()  # HTTP adds time; 50 ms would be a broken server
+    assert ttft[ttft.profile == "fitted"].miss_ms.abs().max() <= overhead_ms + 2.0, ttft.to_string()
     assert fitted.drop("mean_ttft_ms", level="metric").abs().max() <= 3, fitted.to_string()
     # the known profile's decode is what AIPerf measured: the client agrees with the engine's steps
     known = df[(df.profile == "known") & df.metric.isin(["mean_tpot_ms", "median_itl_ms", "output_throughput"])]
