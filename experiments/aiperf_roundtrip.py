@@ -101,11 +101,19 @@ def run_aiperf(url: str, model: str, tokenizer: Path, artifacts: Path, load: lis
     return json.loads((artifacts / "profile_export_aiperf.json").read_text())
 
 
-def write_known(work: Path) -> tuple[Path, Path]:
+def known_coefficients(slowdown: float = 1.0) -> dict:
+    """The known profile's coefficients, its every step and its front end `slowdown` times as
+    long: a step is fixed times plus work over efficiencies, so the times scale up and the
+    efficiencies down. A slower engine gives a live server more wall time per token it sends."""
+    return {k: v / slowdown if k.endswith("_efficiency") else v * slowdown for k, v in TRUE.items()}
+
+
+def write_known(work: Path, slowdown: float = 1.0) -> tuple[Path, Path]:
     """The known profile, and the scenario that serves it."""
     prof = work / "known.toml"
     prof.write_text(f'[profile]\nname = "known"\nmodel = "{MODEL}"\nhardware = "{HARDWARE}"\ntp = {TP}\n\n'
-                    "[coefficients]\n" + "".join(f"{k} = {v!r}\n" for k, v in TRUE.items()))
+                    "[coefficients]\n"
+                    + "".join(f"{k} = {v!r}\n" for k, v in known_coefficients(slowdown).items()))
     scenario = work / "served.toml"
     scenario.write_text(_engine_toml() + f'\n[step_time]\nprofile = "{prof}"\n')
     return prof, scenario
@@ -126,11 +134,11 @@ def _cli(args: list[str]) -> str:
     return log.getvalue()
 
 
-def one(seed: int, work: Path, runs=RUNS) -> dict:
+def one(seed: int, work: Path, runs=RUNS, slowdown: float = 1.0) -> dict:
     """Record the runs, fit on those marked for it, predict all. Returns the errors (percent) of
     the fitted and of the known profile against AIPerf's numbers, per run and metric."""
     tok = word_level_tokenizer(work / "tokenizer")
-    known, scenario = write_known(work)
+    known, scenario = write_known(work, slowdown)
     train, held = work / "train", work / "held-out"
     reports = {}
     t0 = time.perf_counter()
