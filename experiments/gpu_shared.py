@@ -9,8 +9,9 @@ configuration's three lowest-load runs, as in experiments/gpustack_transfer.py, 
 fixed concurrency (their front-end latency behind permits needs a fit by simulation: with ~20 rows
 that is hours on 2 cores). The attention kernels' efficiency, which those runs never time, is the
 kernel's: each held-out configuration is predicted with the median of the values fitted on every
-run of the other models' configurations on its kernel (experiments/gpustack_transfer.py,
-kernel_efficiencies). Every figure is out of sample: no run of the held-out model is fitted.
+run of the other models' configurations on its kernel, or, where no other model ran that kernel,
+on the same GPU's kernel of the same kind under another engine (experiments/gpustack_transfer.py,
+gpu_attention_efficiency). Every figure is out of sample: no run of the held-out model is fitted.
 
     python experiments/gpu_shared.py      # writes experiments/results/gpu_shared.md
 """

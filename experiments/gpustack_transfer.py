@@ -17,7 +17,9 @@ One coefficient is the GPU's, not the configuration's: the FLOP rate of the atte
 need there, FlashInfer for SGLang, vllm-ascend's on the 910B). The three lowest-load runs never time
 it (their prompts are too short), so within a configuration it is held at the median of the values
 fitted on every run of each configuration of the *other* models on the same kernel (another model:
-not the same network quantised otherwise; no run of the predicted model is seen). The transfers to
+not the same network quantised otherwise; no run of the predicted model is seen), or, where no
+other model ran that kernel, on the same GPU's kernel of the same kind under another engine
+(GLM-4.5-Air on SGLang: FlashInfer, held at vLLM's FlashAttention rate on the A100). The transfers to
 another model of the family hold it at the value without either model's runs. Each fit matches the
 mean of three draws of its training runs (workload seeds 0-2; the fits on every run of a
 configuration, one), and the predicted runs are reported per seed, seeds 0-4, with their mean.
@@ -90,9 +92,19 @@ def kernel_efficiencies(full: dict, by_config: dict) -> dict:
 
 def gpu_attention_efficiency(effs: dict, kernel: tuple, without: set[str]) -> float | None:
     """The kernel's attention efficiency, known without the runs of the models in `without`: the
-    median over the other models' configurations on that kernel (None if there are none)."""
-    others = [e for m, k, e in effs.values() if k == kernel and base_model(m) not in {base_model(w) for w in without}]
-    return float(np.median(others)) if others else None
+    median over the other models' configurations on that kernel; when no other model ran it, over
+    those on the same GPU's kernel of the same kind under another engine (SGLang's FlashInfer
+    and vLLM's FlashAttention are both tiled softmax kernels of one generation, so the GPU's
+    rate for one is a better guess for the other than the GEMMs' rate the fit falls back to);
+    None if there are neither."""
+    skip = {base_model(w) for w in without}
+
+    def median(same) -> float | None:
+        others = [e for m, k, e in effs.values() if same(k) and base_model(m) not in skip]
+        return float(np.median(others)) if others else None
+
+    own = median(lambda k: k == kernel)
+    return own if own is not None else median(lambda k: (k[0], k[2]) == (kernel[0], kernel[2]))
 
 
 def held_attention(effs: dict, run, without: set[str]) -> dict:

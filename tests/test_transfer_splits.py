@@ -112,6 +112,10 @@ def test_the_gpus_attention_efficiency_for_a_model_never_comes_from_its_own_runs
     assert base_model("qwen3-235b-a22b-fp8") == "qwen3-235b-a22b"
     assert gpu_attention_efficiency(effs, flash, {"qwen3-235b-a22b-fp8"}) == pytest.approx(0.5)
     assert gpu_attention_efficiency(effs, ("ascend-910b", "vLLM-Ascend", "default"), set()) is None
+    # no other model on SGLang's kernel on the A100: the GPU's kernel of the same kind under vLLM,
+    # never the sinks' Triton kernel
+    assert gpu_attention_efficiency(effs, ("a100-80g", "SGLang", "default"), {"glm-4.5-air"}) == pytest.approx(0.5)
+    assert gpu_attention_efficiency(effs, ("a100-80g", "SGLang", "triton"), {"gpt-oss-20b"}) == pytest.approx(0.11)
     for name in ("gpustack-gpt-oss-120b-vllm", "gpustack-qwen3-14b-vllm", "gpustack-qwen3-235b-fp8-budgets"):
         split = load_split(name)
         held = split.fixed["attention_efficiency"]
