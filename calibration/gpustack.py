@@ -8,12 +8,12 @@ command asks for that is not simulated (expert parallelism, an attention backend
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from sim.config import sglang_cuda_graph_max_bs, sglang_mem_fraction_static
 from sim.perf_model import kv_capacity_tokens, load_hardware_spec, load_model_spec
 
 from .fit import RowCase
@@ -34,11 +34,16 @@ MODELS = {
 GPUS = {"A100-SXM-80GB": ("a100-80g", "NVIDIA A100-SXM4-80GB", 80), "Ascend-910B": ("ascend-910b", "Ascend 910B", 64)}
 SCHEDULERS = {"vLLM": "vllm-v1", "vLLM-Ascend": "vllm-v1", "SGLang": "sglang"}
 METRICS = ("mean_ttft_ms", "mean_tpot_ms", "output_throughput")
-# the engines' default memory fractions (vLLM --gpu-memory-utilization 0.9; SGLang's
-# mem_fraction_static depends on the GPU and TP, ~0.88 on an 80 GB device) and what is left for
-# activations, the CUDA context and graphs: an estimate, which a fit may move (kv_bounds)
-MEMORY_FRACTION = {"vllm": 0.9, "sglang": 0.88}
+# vLLM's default --gpu-memory-utilization 0.9, and what is left for activations, the CUDA
+# context and graphs: an estimate, which a fit may move (kv_bounds)
+VLLM_MEMORY_FRACTION = 0.9
 RESERVE_GIB = 2.0
+# SGLang sizes its pool from the memory free when it starts (model_runner.profile_max_num_token:
+# free after loading - free at start x (1 - mem_fraction_static), so about mem_fraction_static x
+# free at start - weights), its fraction from the GPU, TP and flags (sim.config.sglang_mem_fraction_static).
+# Free at start: the nominal memory less the CUDA context and NCCL's buffers, about 1.5 GiB on an
+# A100-80GB (an estimate: no GPUStack page prints SGLang's log).
+SGLANG_START_RESERVE_GIB = 1.5
 QWEN3_MAX_LEN = 40960  # Qwen3 8B/30B-A3B config.json max_position_embeddings
 
 
@@ -75,7 +80,9 @@ def row_id(row: pd.Series) -> str:
 
 
 def row_run(row: pd.Series) -> RowRun | None:
-    """The row as a run, or None where its engine is not simulated."""
+    """The row as a run, or None where its engine is not simulated. UnsizedPool where its KV
+    pool cannot be sized (the model spec's loaded size leaves the engine's memory formula no
+    room: the size is another engine's)."""
     if row["engine"] not in SCHEDULERS:
         return None
     try:
@@ -87,10 +94,21 @@ def row_run(row: pd.Series) -> RowRun | None:
         raise KeyError(f"gpustack row {row.name}: no spec for model {row['model']!r}")
     hw, gpu_name, mem = GPUS[row["gpu"]]
     spec, hwspec = load_model_spec(model), load_hardware_spec(hw)
-    frac = launch.memory_fraction or MEMORY_FRACTION[launch.engine]
-    kv = kv_capacity_tokens(spec, hwspec, launch.tp, frac, RESERVE_GIB)
-    engine = {"scheduler": SCHEDULERS[row["engine"]], "version": str(row["engine_version"]).split("+")[0],
-              "gpu": gpu_name, "gpu_memory_gib": mem, "kv_cache_tokens": kv, **launch.settings}
+    version = str(row["engine_version"]).split("+")[0]
+    engine = {"scheduler": SCHEDULERS[row["engine"]], "version": version, "gpu": gpu_name, "gpu_memory_gib": mem,
+              **launch.settings}
+    if launch.engine == "sglang":
+        engine.setdefault("cuda_graph_max_bs", sglang_cuda_graph_max_bs(version, mem, launch.tp))
+        frac = launch.memory_fraction or sglang_mem_fraction_static(
+            version, mem, launch.tp, chunked_prefill_size=engine.get("chunked_prefill_size"),
+            cuda_graph_max_bs=engine["cuda_graph_max_bs"])
+        kv = kv_capacity_tokens(spec, hwspec, launch.tp, frac, frac * SGLANG_START_RESERVE_GIB)
+    else:
+        kv = kv_capacity_tokens(spec, hwspec, launch.tp, launch.memory_fraction or VLLM_MEMORY_FRACTION, RESERVE_GIB)
+    if kv <= 0:  # the spec's loaded size is another engine's (gpt-oss-120b: vLLM's Marlin layout on SGLang)
+        raise UnsizedPool(f"{row_id(row)} ({row['model']} · {row['engine']}): its KV pool cannot be sized, the "
+                          f"model spec's loaded weights leave {launch.engine}'s memory formula no room")
+    engine["kv_cache_tokens"] = kv
     if row["engine"] == "vLLM-Ascend" and _ascend_prefill_first(str(row["engine_version"]), spec):
         # vllm-ascend 0.9.1 (final) forces its AscendScheduler on models without MLA: whole prompts
         # first, no decode in a step that prefills, no chunking, the token budget raised to
@@ -125,6 +143,22 @@ def row_run(row: pd.Series) -> RowRun | None:
                   RowCase(rid, measured, scenario), kv, unmodelled)
 
 
-def runs(df: pd.DataFrame | None = None) -> list[RowRun]:
+class UnsizedPool(ValueError):
+    """A row whose engine's memory formula leaves no KV pool with the model spec's weights."""
+
+
+def runs(df: pd.DataFrame | None = None, skipped: list[str] | None = None) -> list[RowRun]:
+    """Every row that is a run; each row of a simulated engine that is not, with why, goes to
+    `skipped` when given (a result says which rows it leaves out)."""
     df = load() if df is None else df
-    return [r for _, row in df.iterrows() if (r := row_run(row)) is not None and not math.isnan(r.kv_tokens)]
+    out = []
+    for _, row in df.iterrows():
+        try:
+            r = row_run(row)
+        except UnsizedPool as exc:
+            if skipped is not None:
+                skipped.append(str(exc))
+            continue
+        if r is not None:
+            out.append(r)
+    return out

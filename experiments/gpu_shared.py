@@ -40,9 +40,10 @@ def _as_row(run, base_model: str, base_tp: int) -> RowCase:
 
 def main() -> None:
     by_gpu: dict[str, dict[str, list]] = {}
-    for r in runs(load()):
+    skipped: list[str] = []
+    for r in runs(load(), skipped):
         by_gpu.setdefault(r.hardware, {}).setdefault(r.config, []).append(r)
-    out, fitted, notes = [], [], []
+    out, fitted, notes = [], [], [f"- not a run: {why}" for why in skipped]
     every = {c: rs for configs in by_gpu.values() for c, rs in configs.items()}
     effs = kernel_efficiencies(all_run_fits(every), every)
     for hw, configs in by_gpu.items():

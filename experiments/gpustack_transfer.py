@@ -188,9 +188,10 @@ def transfers(by_config: dict, fits: dict, effs: dict, full_fits: dict) -> tuple
 def main(only: str = "") -> None:
     df = load()
     by_config: dict[str, list] = {}
-    for r in runs(df):
+    skipped: list[str] = []
+    for r in runs(df, skipped):
         by_config.setdefault(r.config, []).append(r)
-    rows, notes, fitted, fits = [], [], [], {}
+    rows, notes, fitted, fits = [], [f"- not a run: {why}" for why in skipped], [], {}
     full_fits = all_run_fits(by_config)
     effs = kernel_efficiencies(full_fits, by_config)
     for config, (model, kernel, e) in effs.items():

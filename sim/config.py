@@ -84,7 +84,8 @@ class EngineConfig(_Strict):
     async_scheduling: bool | None = Field(None, description="vLLM V1 --async-scheduling (default: on from 0.14.0)")
     disable_overlap_schedule: bool | None = Field(
         None, description="SGLang --disable-overlap-schedule (default: false; speculative decoding turns overlap off)")
-    cuda_graph_max_bs: int | None = Field(None, gt=0, description="SGLang --cuda-graph-max-bs (default 160)")
+    cuda_graph_max_bs: int | None = Field(None, gt=0, description="SGLang --cuda-graph-max-bs (default 160; from "
+                                             "0.5.3 by GPU memory and TP, 256/512 below/from TP 4 on 60-160 GiB)")
     kv_cache_tokens: int | None = Field(None, gt=0)
     # vLLM
     max_num_batched_tokens: int | None = Field(None, gt=0)
@@ -155,6 +156,12 @@ class EngineConfig(_Strict):
     def cuda_graphs(self) -> bool:
         return not (self.enforce_eager or self.disable_cuda_graph)
 
+    def retract_headroom_steps(self) -> int:
+        """SGLang's `retract_decode`: retract until the pool holds this many more steps of every
+        remaining request, 20 (SGLANG_RETRACT_DECODE_STEPS) up to 0.5.1; from 0.5.2 (read in
+        0.5.2-0.5.5) until `check_decode_mem` passes, the next step alone: 0."""
+        return 20 if _version_tuple(self.version) < (0, 5, 2) else 0
+
     def step_facts(self) -> EngineFacts:
         """The batch sizes this engine captures as CUDA graphs and whether it overlaps the CPU's
         scheduling with the GPU (call on a resolved config: `resolve_engine_defaults`).
@@ -163,19 +170,30 @@ class EngineConfig(_Strict):
         256 (from 0.11.1; steps of 8 throughout before), up to min(2 x max_num_seqs, 512) and no
         more than max_num_batched_tokens; every batch that fits is padded, prefills too (piecewise
         graphs). vLLM V0: decode-only batches, 1, 2, 4 and multiples of 8 up to min(max_num_seqs,
-        256). SGLang (`cuda_graph_runner.get_batch_sizes_to_capture`, 0.4-0.5): decode-only
-        batches, 1, 2, 4 and multiples of 8 up to cuda_graph_max_bs (160), plus the request
-        pool's size when that is smaller."""
+        256). SGLang (`cuda_graph_runner.get_batch_sizes_to_capture`): decode-only batches up to
+        cuda_graph_max_bs (`sglang_cuda_graph_max_bs`), 1, 2, 4 and multiples of 8 up to 0.5.2;
+        from 0.5.3 1, 2, 4, 8, 12, steps of 8 to 256, of 16 to 496, then 512 and steps of 32
+        (server_args._generate_cuda_graph_batch_sizes); plus the request pool's size when that
+        is smaller."""
         v = _version_tuple(self.version)
         sizes: list[int] = []
         if self.scheduler == "sglang":
             overlap = not self.disable_overlap_schedule
             if self.cuda_graphs:
                 top = self.cuda_graph_max_bs or 160
-                sizes = [1, 2, 4] + [8 * i for i in range(1, 21)]
                 pool = self.max_running_requests or top
-                if max(sizes) > pool:
-                    sizes += [pool - 1, pool]
+                if v < (0, 5, 3):
+                    sizes = [1, 2, 4] + [8 * i for i in range(1, 21)]
+                    if max(sizes) > pool:
+                        sizes += [pool - 1, pool]
+                else:  # server_args._generate_cuda_graph_batch_sizes
+                    sizes = ([1, 2, 4, 8, 12] + list(range(16, 257, 8)) + list(range(272, 512, 16))
+                             + list(range(512, top + 1, 32))) if not self.num_speculative_tokens else (
+                        list(range(1, 9)) + list(range(10, 33, 2)) + list(range(40, 65, 4)) + list(range(72, 257, 8))
+                        + list(range(272, top + 1, 16)))
+                    sizes = [b for b in sizes if b <= top]
+                    if max(sizes) > pool:
+                        sizes += [pool]
                 sizes = sorted({b for b in sizes if 0 < b <= min(top, pool)})
             return EngineFacts(overlap, tuple(sizes), graph_mixed=False)
         if self.scheduler == "vllm-v0":
@@ -199,11 +217,12 @@ class EngineConfig(_Strict):
         return self.kv_cache_tokens // self.block_size
 
 
-def resolve_engine_defaults(e: EngineConfig) -> EngineConfig:
-    """Fill omitted flags with vLLM's defaults for `e.version`, then apply vLLM's checks."""
+def resolve_engine_defaults(e: EngineConfig, tp: int | None = None) -> EngineConfig:
+    """Fill omitted flags with the engine's defaults for `e.version`, then apply vLLM's checks.
+    `tp`: the instance's tensor parallelism, where a default depends on it (SGLang's CUDA graphs)."""
     v = _version_tuple(e.version)
     if e.scheduler == "sglang":
-        return _resolve_sglang(e, v)
+        return _resolve_sglang(e, v, tp)
     upd: dict[str, Any] = {}
     chunking = e.enable_chunked_prefill
     if e.scheduler == "vllm-v0":
@@ -252,25 +271,66 @@ def resolve_engine_defaults(e: EngineConfig) -> EngineConfig:
     return e
 
 
-def _resolve_sglang(e: EngineConfig, v: tuple[int, ...]) -> EngineConfig:
-    """SGLang's server_args defaults (≈v0.4, read in 0.4.4-0.4.6): chunk size by GPU memory,
-    16384 prefill tokens, running requests bounded by half the token pool and the request
-    pool (pool tokens / context length x 512, clamped to 2048..4096, plus one)."""
+def sglang_cuda_graph_max_bs(version: str | None, gpu_memory_gib: float | None, tp: int | None) -> int:
+    """SGLang's default --cuda-graph-max-bs: 160 up to 0.5.2 and when the memory is unknown;
+    from 0.5.3 by the GPU's memory (nvidia-smi's) and TP (`server_args._handle_gpu_memory_settings`,
+    read in 0.5.3, 0.5.4.post2, 0.5.5.post1; Ascend's own rows left out)."""
+    if _version_tuple(version or "0.4.6") < (0, 5, 3) or gpu_memory_gib is None:
+        return 160
+    small_tp = (tp or 1) < 4
+    mem = gpu_memory_gib
+    if mem < 20:
+        return 8
+    if mem < 35:
+        return (16 if _version_tuple(version) < (0, 5, 4) else 24) if small_tp else 80
+    if mem < 60:
+        return 32 if small_tp else 160
+    if mem < 160:
+        return 256 if small_tp else 512
+    return 512
+
+
+def sglang_chunked_prefill_size(version: str | None, gpu_memory_gib: float | None) -> int:
+    """SGLang's default --chunked-prefill-size, by the GPU's memory (nvidia-smi's)."""
+    mem = gpu_memory_gib
+    if _version_tuple(version or "0.4.6") <= (0, 4, 6):  # 0.4.4-0.4.6: by nvidia-smi memory, 25,000 MB threshold
+        return 2048 if mem is not None and mem * 1024 < 25000 else 8192
+    if mem is None:
+        return 4096  # later versions: unknown device
+    return 2048 if mem < 35 else 4096 if mem < 60 else 8192 if mem < 160 else 16384
+
+
+def sglang_mem_fraction_static(version: str | None, gpu_memory_gib: float, tp: int, *,
+                               chunked_prefill_size: int | None = None, cuda_graph_max_bs: int | None = None,
+                               max_prefill_tokens: int = 16384, pp: int = 1) -> float:
+    """SGLang's default --mem-fraction-static from 0.5.3 (`_handle_gpu_memory_settings`, read in
+    0.5.3, 0.5.4.post2, 0.5.5.post1): the share of the GPU's memory left to weights and the KV
+    pool once activations (1.5 MiB per token of a chunk) and CUDA graphs (2 MiB per batch of
+    the largest) are set aside, with 512 MiB of metadata and 128 MiB per device of the TP x PP
+    group; at least 10 GiB on a device over 60 GiB. Flags left None take their defaults. Not
+    for DP attention or speculative decoding, which set more aside."""
+    if _version_tuple(version or "0.4.6") < (0, 5, 3):
+        raise ValueError(f"SGLang {version}: its default mem_fraction_static is known here from 0.5.3 on; "
+                         "give --mem-fraction-static")
+    chunk = chunked_prefill_size or sglang_chunked_prefill_size(version, gpu_memory_gib)
+    graphs = cuda_graph_max_bs or sglang_cuda_graph_max_bs(version, gpu_memory_gib, tp)
+    mem_mib = gpu_memory_gib * 1024
+    reserved = 512 + max(chunk if chunk > 0 else max_prefill_tokens, 2048) * 1.5 + graphs * 2 + tp * pp / 8 * 1024
+    if mem_mib > 60 * 1024:
+        reserved = max(reserved, 10 * 1024)
+    return round((mem_mib - reserved) / mem_mib, 3)
+
+
+def _resolve_sglang(e: EngineConfig, v: tuple[int, ...], tp: int | None = None) -> EngineConfig:
+    """SGLang's server_args defaults (≈v0.4, read in 0.4.4-0.4.6; 0.5.3+ where marked): chunk
+    size by GPU memory, 16384 prefill tokens, running requests bounded by half the token pool
+    and the request pool (pool tokens / context length x 512, clamped to 2048..4096, plus one),
+    the CUDA graphs' largest batch by version, memory and TP."""
     upd: dict[str, Any] = {}
+    if e.cuda_graph_max_bs is None and not e.disable_cuda_graph:
+        upd["cuda_graph_max_bs"] = sglang_cuda_graph_max_bs(e.version, e.gpu_memory_gib, tp)
     if e.chunked_prefill_size is None:
-        mem = e.gpu_memory_gib
-        if v <= (0, 4, 6):  # 0.4.4-0.4.6: by nvidia-smi memory, 25,000 MB threshold
-            upd["chunked_prefill_size"] = 2048 if mem is not None and mem * 1024 < 25000 else 8192
-        elif mem is None:
-            upd["chunked_prefill_size"] = 4096  # later versions: unknown device
-        elif mem < 35:
-            upd["chunked_prefill_size"] = 2048
-        elif mem < 60:
-            upd["chunked_prefill_size"] = 4096
-        elif mem < 160:
-            upd["chunked_prefill_size"] = 8192
-        else:
-            upd["chunked_prefill_size"] = 16384
+        upd["chunked_prefill_size"] = sglang_chunked_prefill_size(e.version, e.gpu_memory_gib)
     if e.max_prefill_tokens is None:
         upd["max_prefill_tokens"] = 16384
     if e.max_running_requests is None:
@@ -729,10 +789,10 @@ def scenario_from_dict(data: dict, origin: str = "scenario") -> Scenario:
             lines.append(f"  {loc}: {err['msg']}")
         raise ScenarioError("\n".join(lines)) from None
     try:
-        sc.step_time.build()
+        st = sc.step_time.build()
     except ValueError as exc:
         raise ScenarioError(f"{origin}: step_time: {exc}") from None
-    sc = sc.model_copy(update={"engine": resolve_engine_defaults(sc.engine)})
+    sc = sc.model_copy(update={"engine": resolve_engine_defaults(sc.engine, getattr(st, "tp", None))})
     if sc.deployment.mode == "pd":
         for role in ("prefill", "decode"):
             role_config(sc, role, origin)  # fail early, naming the role
@@ -757,9 +817,8 @@ def role_config(sc: Scenario, role: str, origin: str = "scenario") -> tuple[Engi
     if "context_length" in over.engine:
         data.pop("max_model_len", None)
     try:
-        eng = resolve_engine_defaults(EngineConfig.model_validate(data))
         st = StepTimeConfig.model_validate(_deep_merge(sc.step_time.model_dump(exclude_none=True), over.step_time))
-        st.build()
+        eng = resolve_engine_defaults(EngineConfig.model_validate(data), getattr(st.build(), "tp", None))
     except (ValidationError, ValueError) as exc:
         raise ScenarioError(f"{origin}: {role}: {exc}") from None
     return eng, st

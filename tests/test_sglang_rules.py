@@ -240,3 +240,64 @@ def test_sglang_overlap_delays_the_waiting_request_by_one_step_not_the_finished_
     assert first.token_times[-1] == pytest.approx(ends[7])
     assert second.token_times[0] == pytest.approx(ends[9])  # after the extra step (index 8) and its prefill
     assert overlap.steps[9].t_start_s == pytest.approx(ends[8])
+
+
+def test_sglang_from_0_5_2_retracts_only_until_the_next_decode_fits():
+    """0.5.2 on, `retract_decode` loops on `check_decode_mem` (one slot per request), where
+    0.4.x-0.5.1 kept retracting until 20 steps fit (the test above): here one request goes,
+    not two."""
+    s = sg(kv_cache_tokens=98, chunked_prefill_size=-1, context_length=98, version="0.5.4.post2")
+    a, b, c = req(30, out=60), req(35, out=60), req(30, out=60)
+    for r, generated in ((a, 2), (b, 1), (c, 1)):
+        r.output_len = generated
+        r.num_computed = r.num_tokens - 1
+        r.status = Status.RUNNING
+        s.kv.allocate(r, r.num_computed)
+        s.running.append(r)
+    assert s.kv.num_free == 2 < 3
+    batch = s.schedule()
+    assert list(s.waiting) == [b] and s.running == [a, c] and batch.reqs == [a, c]
+    assert s.new_token_ratio == pytest.approx(min(1.0, (2 + 1 + 20 * 2) / 120))  # the ratio still counts 20
+
+
+def test_sglang_0_5_memory_defaults_follow_gpu_memory_and_tp():
+    """server_args._handle_gpu_memory_settings (0.5.3-0.5.5): on an 80 GiB device, CUDA graphs
+    up to 256 below TP 4 and 512 from it; mem_fraction_static = (memory - reserved) / memory
+    with reserved = 512 MiB + 1.5 MiB x chunk (8192) + 2 MiB x graphs' top + TP x 128 MiB."""
+    from sim.config import EngineConfig, resolve_engine_defaults, sglang_cuda_graph_max_bs, sglang_mem_fraction_static
+
+    assert sglang_cuda_graph_max_bs("0.4.6", 80, 4) == 160 and sglang_cuda_graph_max_bs("0.5.4", None, 4) == 160
+    assert sglang_cuda_graph_max_bs("0.5.4.post2", 80, 4) == 512 and sglang_cuda_graph_max_bs("0.5.4", 80, 1) == 256
+    assert sglang_cuda_graph_max_bs("0.5.4", 40, 1) == 32 and sglang_cuda_graph_max_bs("0.5.4", 96, 8) == 512
+    assert sglang_mem_fraction_static("0.5.4.post2", 80, 4) == pytest.approx((81920 - 14336) / 81920, abs=5e-4)
+    assert sglang_mem_fraction_static("0.5.4.post2", 80, 4) == 0.825
+    assert sglang_mem_fraction_static("0.5.3", 80, 1) == 0.836
+    assert sglang_mem_fraction_static("0.5.5.post1", 80, 8) == 0.819
+    assert sglang_mem_fraction_static("0.5.4", 80, 1, chunked_prefill_size=4096) == round((81920 - 10240) / 81920, 3)
+    with pytest.raises(ValueError, match="mem-fraction-static"):
+        sglang_mem_fraction_static("0.4.6", 80, 1)
+    # a scenario's CUDA graphs follow its step time's TP; 0.5.3's capture list
+    e = EngineConfig(scheduler="sglang", version="0.5.4", gpu_memory_gib=80, kv_cache_tokens=400_000,
+                     context_length=32768)
+    sizes = resolve_engine_defaults(e, tp=4).step_facts().graph_sizes
+    assert max(sizes) == 512 and 12 in sizes and 264 not in sizes and 272 in sizes
+    assert max(resolve_engine_defaults(e, tp=1).step_facts().graph_sizes) == 256
+    assert max(resolve_engine_defaults(e.model_copy(update={"version": "0.4.6"}), tp=4).step_facts().graph_sizes) == 160
+
+
+def test_gpustack_sglang_pool_is_sglangs_default_fraction_of_the_memory_free_at_start():
+    """calibration/gpustack.py: GLM-4.5-Air on SGLang 0.5.4 at TP 4 on A100s sizes its pool at
+    0.825 x (80 - 1.5 GiB at start) less its weights (SGLang's profile_max_num_token), not at
+    vLLM's 0.9; a model whose loaded size leaves that no room is not a run."""
+    from calibration.gpustack import runs
+    from sim.perf_model import load_hardware_spec, load_model_spec
+
+    glm = [r for r in runs() if r.config.startswith("GLM-4.5-Air · SGLang")]
+    assert glm and {r.case.scenario["engine"]["cuda_graph_max_bs"] for r in glm} == {512}
+    spec = load_model_spec("glm-4.5-air")
+    weights_gib = (spec.loaded_weights_gib or spec.weight_bytes_total() / 2**30) / 4
+    pool_gib = glm[0].kv_tokens * spec.kv_bytes_per_token(4) / 2**30
+    assert pool_gib == pytest.approx(0.825 * (load_hardware_spec("a100-80g").memory_gib - 1.5) - weights_gib, abs=0.01)
+    skipped: list[str] = []
+    assert not [r for r in runs(skipped=skipped) if "gpt-oss-120b · SGLang" in r.config]
+    assert len(skipped) == 1 and "openai/gpt-oss-120b · SGLang" in skipped[0] and "cannot be sized" in skipped[0]

@@ -5,7 +5,8 @@ Each iteration:
    and decode are separate forward passes (unless `enable_mixed_chunk`, which folds the
    running decodes into the prefill batch);
 2. otherwise run one decode step for every running request, after checking there is a
-   free KV slot for each; if not, retract requests until there is room for 20 more steps.
+   free KV slot for each; if not, retract requests until there is room for 20 more steps
+   (up to 0.5.1), or for this one (from 0.5.2: `retract_decode` loops on `check_decode_mem`).
 
 Admission is by reservation, not by what is in use now: a new request needs its prompt
 plus min(max_new_tokens, 4096) to fit in the free pool minus what running requests are
@@ -39,6 +40,7 @@ class SglangScheduler(Scheduler):
         self.chunked_req: Request | None = None  # the one request whose prompt is being chunked
         self.num_retractions = 0
         self.late_release = not cfg.disable_overlap_schedule  # the overlap scheduler: one step late
+        self.retract_headroom_steps = cfg.retract_headroom_steps()
 
     def abort(self, req: Request) -> None:
         if self.chunked_req is req:
@@ -208,11 +210,13 @@ class SglangScheduler(Scheduler):
 
     def _retract(self, decoding: list[Request], batch: Batch) -> list[Request]:
         """Retract the requests with the fewest generated tokens (ties: the longest prompt)
-        until the pool has room for RETRACT_DECODE_STEPS more tokens per remaining request.
-        Retracted requests free their KV and go to the tail of the waiting queue."""
+        until the pool has room for RETRACT_DECODE_STEPS more tokens per remaining request (up
+        to 0.5.1) or for their next step (from 0.5.2). Retracted requests free their KV and go
+        to the tail of the waiting queue."""
         order = sorted(decoding, key=lambda r: (r.output_len, -r.prompt_len), reverse=True)
         first = True
-        while first or self.kv.num_free * self.kv.block_size < len(order) * RETRACT_DECODE_STEPS:
+        while first or self.kv.num_free * self.kv.block_size < (
+                len(order) * self.retract_headroom_steps if self.retract_headroom_steps else self._decode_mem(order)):
             if len(order) == 1:
                 break
             first = False
