@@ -156,11 +156,11 @@ class EngineConfig(_Strict):
     def cuda_graphs(self) -> bool:
         return not (self.enforce_eager or self.disable_cuda_graph)
 
-    def retract_headroom_steps(self) -> int:
-        """SGLang's `retract_decode`: retract until the pool holds this many more steps of every
-        remaining request, 20 (SGLANG_RETRACT_DECODE_STEPS) up to 0.5.1; from 0.5.2 (read in
-        0.5.2-0.5.5) until `check_decode_mem` passes, the next step alone: 0."""
-        return 20 if _version_tuple(self.version) < (0, 5, 2) else 0
+    def sglang_retracts_ahead(self) -> bool:
+        """SGLang's `retract_decode` retracts until the pool holds SGLANG_RETRACT_DECODE_STEPS
+        more steps of every remaining request up to 0.5.1; from 0.5.2 (read in 0.5.2-0.5.5)
+        only until `check_decode_mem` passes, the next step alone."""
+        return _version_tuple(self.version) < (0, 5, 2)
 
     def step_facts(self) -> EngineFacts:
         """The batch sizes this engine captures as CUDA graphs and whether it overlaps the CPU's
@@ -220,9 +220,9 @@ class EngineConfig(_Strict):
 def resolve_engine_defaults(e: EngineConfig, tp: int | None = None) -> EngineConfig:
     """Fill omitted flags with the engine's defaults for `e.version`, then apply vLLM's checks.
     `tp`: the instance's tensor parallelism, where a default depends on it (SGLang's CUDA graphs)."""
-    v = _version_tuple(e.version)
     if e.scheduler == "sglang":
-        return _resolve_sglang(e, v, tp)
+        return _resolve_sglang(e, tp)
+    v = _version_tuple(e.version)
     upd: dict[str, Any] = {}
     chunking = e.enable_chunked_prefill
     if e.scheduler == "vllm-v0":
@@ -321,7 +321,7 @@ def sglang_mem_fraction_static(version: str | None, gpu_memory_gib: float, tp: i
     return round((mem_mib - reserved) / mem_mib, 3)
 
 
-def _resolve_sglang(e: EngineConfig, v: tuple[int, ...], tp: int | None = None) -> EngineConfig:
+def _resolve_sglang(e: EngineConfig, tp: int | None = None) -> EngineConfig:
     """SGLang's server_args defaults (≈v0.4, read in 0.4.4-0.4.6; 0.5.3+ where marked): chunk
     size by GPU memory, 16384 prefill tokens, running requests bounded by half the token pool
     and the request pool (pool tokens / context length x 512, clamped to 2048..4096, plus one),

@@ -40,7 +40,7 @@ class SglangScheduler(Scheduler):
         self.chunked_req: Request | None = None  # the one request whose prompt is being chunked
         self.num_retractions = 0
         self.late_release = not cfg.disable_overlap_schedule  # the overlap scheduler: one step late
-        self.retract_headroom_steps = cfg.retract_headroom_steps()
+        self.retract_ahead = cfg.sglang_retracts_ahead()  # room for RETRACT_DECODE_STEPS, or the next step
 
     def abort(self, req: Request) -> None:
         if self.chunked_req is req:
@@ -216,7 +216,7 @@ class SglangScheduler(Scheduler):
         order = sorted(decoding, key=lambda r: (r.output_len, -r.prompt_len), reverse=True)
         first = True
         while first or self.kv.num_free * self.kv.block_size < (
-                len(order) * self.retract_headroom_steps if self.retract_headroom_steps else self._decode_mem(order)):
+                len(order) * RETRACT_DECODE_STEPS if self.retract_ahead else self._decode_mem(order)):
             if len(order) == 1:
                 break
             first = False
